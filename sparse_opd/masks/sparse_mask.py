@@ -1,0 +1,155 @@
+"""`SparseMask`: which coordinates of which weights may move."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .encoding import decode_indices, encode_indices, validate_flat_indices
+
+MASK_FORMAT = "sparse_opd.mask/1"
+_PREFIXES = ("base_model.model.",)
+_SUFFIXES = (".weight",)
+
+
+def normalize_module_name(name: str) -> str:
+    """Strip PEFT's wrapper prefix and a trailing ``.weight`` so that checkpoint keys and module names agree."""
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+@dataclass
+class SparseMask:
+    """Module name -> sorted unique flat indices into that module's weight, plus the weight's shape.
+
+    Flat indices address the weight as stored (row-major over ``weight.shape``; for GPT-2's ``Conv1D`` that is
+    ``(in_features, out_features)``), so a diff of two checkpoints maps onto a mask without transposes.
+    """
+
+    indices: dict[str, torch.Tensor] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if set(self.indices) != set(self.shapes):
+            missing = set(self.indices) ^ set(self.shapes)
+            raise ValueError(f"SparseMask needs a shape for every module and vice versa; mismatched: {sorted(missing)}")
+        clean_idx, clean_shapes = {}, {}
+        for name in self.indices:
+            shape = tuple(int(s) for s in self.shapes[name])
+            key = normalize_module_name(name)
+            clean_idx[key] = validate_flat_indices(self.indices[name], math.prod(shape), name=key)
+            clean_shapes[key] = shape
+        self.indices, self.shapes = clean_idx, clean_shapes
+
+    # construction -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]] | None = None):
+        """Build from ``name -> bool tensor`` (shape = weight shape) or ``name -> flat indices`` (needs ``shapes``)."""
+        indices, out_shapes = {}, {}
+        for name, value in masks.items():
+            value = torch.as_tensor(value)
+            key = normalize_module_name(name)
+            if value.dtype == torch.bool:
+                if shapes is not None and key in shapes and tuple(shapes[key]) != tuple(value.shape):
+                    raise ValueError(
+                        f"{key}: boolean mask has shape {tuple(value.shape)} but the weight has shape {tuple(shapes[key])}"
+                    )
+                indices[key] = torch.flatnonzero(value.reshape(-1))
+                out_shapes[key] = tuple(value.shape)
+            else:
+                if shapes is None or key not in shapes:
+                    raise ValueError(
+                        f"{key}: flat indices need the weight's shape; pass shapes={{'{key}': (out, in)}} "
+                        "or give a boolean mask of the weight's shape"
+                    )
+                indices[key] = value
+                out_shapes[key] = tuple(shapes[key])
+        return cls(indices, out_shapes)
+
+    # queries --------------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.indices)
+
+    def __contains__(self, name: str) -> bool:
+        return normalize_module_name(name) in self.indices
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.indices[normalize_module_name(name)]
+
+    def modules(self) -> list[str]:
+        return list(self.indices)
+
+    def count(self, name: str | None = None) -> int:
+        """Selected coordinates in one module, or in all of them."""
+        if name is not None:
+            return int(self[name].numel())
+        return sum(int(v.numel()) for v in self.indices.values())
+
+    def numel(self, name: str | None = None) -> int:
+        """Weight entries in one module, or in all masked modules."""
+        if name is not None:
+            return math.prod(self.shapes[normalize_module_name(name)])
+        return sum(math.prod(s) for s in self.shapes.values())
+
+    def density(self, name: str | None = None) -> float:
+        return self.count(name) / self.numel(name)
+
+    def counts(self) -> dict[str, int]:
+        return {name: int(idx.numel()) for name, idx in self.indices.items()}
+
+    def to_bool(self, name: str) -> torch.Tensor:
+        key = normalize_module_name(name)
+        out = torch.zeros(math.prod(self.shapes[key]), dtype=torch.bool)
+        out[self.indices[key]] = True
+        return out.view(self.shapes[key])
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SparseMask):
+            return NotImplemented
+        return self.shapes == other.shapes and all(torch.equal(self.indices[k], other.indices[k]) for k in self.indices)
+
+    def __repr__(self) -> str:
+        return f"SparseMask(modules={len(self)}, coordinates={self.count()}, density={self.density():.4%})"
+
+    # files ----------------------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, encoding: str = "auto") -> None:
+        """Write a safetensors file: ``<module>.indices`` (encoded uint8 stream) and ``<module>.shape`` (int64)."""
+        tensors = {}
+        for name, idx in self.indices.items():
+            shape = self.shapes[name]
+            tensors[f"{name}.indices"] = encode_indices(idx, math.prod(shape), encoding)
+            tensors[f"{name}.shape"] = torch.tensor(shape, dtype=torch.int64)
+        save_file(tensors, str(path), metadata={"format": MASK_FORMAT})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SparseMask:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"mask file {path} does not exist")
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+            raise ValueError(f"{path} is not a readable safetensors mask file: {err}") from None
+        with handle as f:
+            if (f.metadata() or {}).get("format") != MASK_FORMAT:
+                raise ValueError(f"{path} is not a sparse_opd mask file (metadata format != {MASK_FORMAT!r})")
+            names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
+            indices, shapes = {}, {}
+            for name in names:
+                shape = tuple(int(s) for s in f.get_tensor(f"{name}.shape").tolist())
+                indices[name] = decode_indices(f.get_tensor(f"{name}.indices"), math.prod(shape), name=name)
+                shapes[name] = shape
+        return cls(indices, shapes)
