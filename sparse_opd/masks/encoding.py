@@ -31,7 +31,8 @@ def validate_flat_indices(indices: torch.Tensor, numel: int, name: str = "indice
     indices = indices.detach().reshape(-1).to(device="cpu", dtype=torch.int64)
     if indices.numel() == 0:
         raise ValueError(f"{name}: the mask selects no coordinate; give it at least one index or drop the module")
-    indices = torch.sort(indices).values
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        indices = torch.sort(indices).values  # already-sorted input is returned as is, sharing its storage
     if indices[0] < 0 or indices[-1] >= numel:
         raise ValueError(
             f"{name}: indices must lie in [0, {numel}) for a weight of {numel} entries, "

@@ -1,0 +1,155 @@
+"""The sparse delta's autograd function.
+
+For a weight stored as ``shape = (rows, cols)`` (``(out, in)`` for ``nn.Linear``, ``(in, out)`` for GPT-2's
+``Conv1D``) and k trained coordinates ``idx`` with values ``v``, the delta is ``D = scatter(idx, v)``. The function
+computes ``x @ D_lin^T`` or, when composing, ``x @ (W + D)_lin^T`` in one matmul. Only ``x`` is saved for backward
+(the weight, values and indices are parameters and buffers that already exist): no dense weight is kept alive.
+
+Backward needs ``dL/dv = G[idx]`` with the stored-layout weight gradient ``G = A^T @ B`` (Linear: ``A = dL/dy``,
+``B = x``; Conv1D: ``A = x``, ``B = dL/dy``), computed either
+
+- ``dense``: in row blocks of at most ``block_elements`` entries, gathering each block at the indices it holds
+  (indices are sorted, so a block's indices are a contiguous slice); transient memory is one block; or
+- ``sampled``: only the k dot products ``sum_t A[t, r_i] * B[t, c_i]``, chunked to the same bound. It does
+  ``T * k`` multiply-adds instead of ``T * rows * cols``, and wins when the density is low enough to pay for its
+  gathers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DeltaSpec:
+    """Static description of one adapted weight."""
+
+    shape: tuple[int, int]
+    transposed: bool  # True for Conv1D: stored (in, out), y = x @ W
+    value_grad: str = "auto"  # "auto" | "dense" | "sampled"
+    sampled_max_density: float = 0.002
+    block_elements: int = 1 << 24
+
+
+def scatter_delta(values: torch.Tensor, indices: torch.Tensor, shape, dtype=None, base: torch.Tensor | None = None):
+    """Dense ``base + scatter(indices, values)`` (or zeros + scatter) in the stored layout, as a new tensor."""
+    dtype = dtype or values.dtype
+    if base is None:
+        out = torch.zeros(shape[0] * shape[1], dtype=dtype, device=values.device)
+    else:
+        out = base.detach().to(dtype=dtype, copy=True).reshape(-1)
+    out.index_add_(0, indices, values.detach().to(dtype))
+    return out.view(shape)
+
+
+def _apply_weight(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return x @ weight if transposed else F.linear(x, weight)
+
+
+def _grad_input(grad_y: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return grad_y @ weight.T if transposed else grad_y @ weight
+
+
+def _pick_method(spec: DeltaSpec, k: int) -> str:
+    if spec.value_grad != "auto":
+        return spec.value_grad
+    density = k / (spec.shape[0] * spec.shape[1])
+    return "sampled" if density < spec.sampled_max_density else "dense"
+
+
+def gathered_weight_grad_dense(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, shape, block_elements: int):
+    """``(a^T @ b).flatten()[indices]`` computed in row blocks; ``a``: (T, rows), ``b``: (T, cols), indices sorted."""
+    rows, cols = shape
+    rows_per_block = max(1, min(rows, block_elements // cols))
+    out = torch.empty(indices.numel(), dtype=torch.promote_types(a.dtype, torch.float32), device=a.device)
+    bounds = torch.searchsorted(
+        indices, torch.arange(0, rows + rows_per_block, rows_per_block, device=indices.device).clamp_max(rows) * cols
+    ).tolist()
+    for block, r0 in enumerate(range(0, rows, rows_per_block)):
+        lo, hi = bounds[block], bounds[block + 1]
+        if lo == hi:
+            continue
+        r1 = min(rows, r0 + rows_per_block)
+        g = a[:, r0:r1].T @ b  # (r1 - r0, cols)
+        out[lo:hi] = g.reshape(-1)[indices[lo:hi] - r0 * cols]
+    return out
+
+
+def gathered_weight_grad_sampled(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, shape, block_elements: int):
+    """Same result as the dense path from the k needed dot products only, in chunks of ``block_elements``."""
+    cols = shape[1]
+    tokens = a.shape[0]
+    chunk = max(1, block_elements // max(1, tokens))
+    out = torch.empty(indices.numel(), dtype=torch.promote_types(a.dtype, torch.float32), device=a.device)
+    for lo in range(0, indices.numel(), chunk):
+        idx = indices[lo : lo + chunk]
+        r, c = idx // cols, idx % cols
+        out[lo : lo + chunk] = (a[:, r] * b[:, c]).sum(0, dtype=out.dtype)
+    return out
+
+
+class SparseDeltaFunction(torch.autograd.Function):
+    """``y = x @ (W + sum_j D_j)_lin^T`` if ``weight`` is given, else ``y = x @ (sum_j D_j)_lin^T``.
+
+    ``pairs`` alternates values and indices of each active adapter: ``(v_1, idx_1, v_2, idx_2, ...)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, spec: DeltaSpec, *pairs):
+        values, indices = pairs[0::2], pairs[1::2]
+        effective = _effective_weight(weight, values, indices, spec.shape, x.dtype)
+        y = _apply_weight(x, effective, spec.transposed)
+        del effective
+        ctx.spec = spec
+        ctx.n_adapters = len(values)
+        ctx.has_weight = weight is not None
+        ctx.save_for_backward(x, weight, *pairs)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, *pairs = ctx.saved_tensors
+        spec = ctx.spec
+        values, indices = pairs[0::2], pairs[1::2]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            effective = _effective_weight(weight, values, indices, spec.shape, grad_y.dtype)
+            grad_x = _grad_input(grad_y, effective, spec.transposed)
+            del effective
+        grads = []
+        if any(ctx.needs_input_grad[3 + 2 * j] for j in range(ctx.n_adapters)):
+            gy2 = grad_y.reshape(-1, grad_y.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1])
+            a, b = (x2, gy2) if spec.transposed else (gy2, x2)
+            for j in range(ctx.n_adapters):
+                if not ctx.needs_input_grad[3 + 2 * j]:
+                    grads += [None, None]
+                    continue
+                method = _pick_method(spec, indices[j].numel())
+                fn = gathered_weight_grad_sampled if method == "sampled" else gathered_weight_grad_dense
+                g = fn(a, b, indices[j], spec.shape, spec.block_elements)
+                grads += [g.to(values[j].dtype), None]
+        else:
+            grads = [None] * (2 * ctx.n_adapters)
+        return (grad_x, None, None, *grads)
+
+
+def _effective_weight(weight, values, indices, shape, dtype):
+    if weight is None:
+        out = scatter_delta(values[0], indices[0], shape, dtype=dtype)
+        for v, i in zip(values[1:], indices[1:]):
+            out.view(-1).index_add_(0, i, v.detach().to(dtype))
+        return out
+    out = scatter_delta(values[0], indices[0], shape, dtype=dtype, base=weight)
+    for v, i in zip(values[1:], indices[1:]):
+        out.view(-1).index_add_(0, i, v.detach().to(dtype))
+    return out
+
+
+def sparse_delta_linear(x, weight, spec: DeltaSpec, values: list, indices: list):
+    """Autograd entry point; see :class:`SparseDeltaFunction`."""
+    pairs = [t for pair in zip(values, indices) for t in pair]
+    return SparseDeltaFunction.apply(x, weight, spec, *pairs)

@@ -1,0 +1,223 @@
+"""`SparseDeltaLayer`: trainable values on fixed coordinates of a frozen weight."""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+from ..masks.encoding import validate_flat_indices
+from .functional import DeltaSpec, scatter_delta, sparse_delta_linear
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class SparseDeltaLayer(BaseTunerLayer):
+    """Adds ``scatter(sparse_delta_indices, sparse_delta_values)`` to the base layer's weight.
+
+    Subclasses say how the stored weight maps to a matmul (``transposed``) and whether the weight can be read as a
+    plain tensor (``quantized``).
+    """
+
+    adapter_layer_names = ("sparse_delta_values",)
+    other_param_names = ("sparse_delta_indices",)
+    transposed = False
+    quantized = False
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.sparse_delta_values = nn.ParameterDict({})
+        self.sparse_delta_indices = BufferDict({}, persistent=True)
+        self.delta_specs: dict[str, DeltaSpec] = {}
+        self.compose_mode: dict[str, str] = {}
+        # original weight entries at the adapter's indices while it is merged, so unmerge is bit-exact
+        self._merge_backup: dict[str, torch.Tensor] = {}
+        # adapters built from module_counts alone, whose indices must still come from an adapter file
+        self._placeholder_adapters: set[str] = set()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+    # shape ----------------------------------------------------------------------------------------------------------
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        base = self.get_base_layer()
+        return (base.out_features, base.in_features)
+
+    @property
+    def weight_numel(self) -> int:
+        return self.weight_shape[0] * self.weight_shape[1]
+
+    # adapters -------------------------------------------------------------------------------------------------------
+    def update_layer(
+        self, adapter_name: str, indices: torch.Tensor, config, module_name: str = "", placeholder: bool = False
+    ) -> None:
+        if placeholder:
+            self._placeholder_adapters.add(adapter_name)
+        indices = validate_flat_indices(indices, self.weight_numel, name=module_name or adapter_name)
+        dtype = _DTYPES[config.value_dtype]
+        k = indices.numel()
+        if config.init_weights:
+            values = torch.zeros(k, dtype=dtype)
+        else:
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{module_name}/{adapter_name}".encode()))
+            values = (torch.randn(k, generator=gen, dtype=torch.float32) * 0.02).to(dtype)
+        self.sparse_delta_values[adapter_name] = nn.Parameter(values)
+        self.sparse_delta_indices[adapter_name] = indices
+        self.delta_specs[adapter_name] = DeltaSpec(
+            shape=self.weight_shape,
+            transposed=self.transposed,
+            value_grad=config.value_grad,
+            sampled_max_density=config.sampled_grad_max_density,
+            block_elements=config.grad_block_elements,
+        )
+        self.compose_mode[adapter_name] = config.compose
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # Unlike PEFT's default, keep the values' own dtype (fp32 by default) on a bf16/fp16/quantized base.
+        if device is None:
+            base = self.get_base_layer()
+            device = next((p.device for p in base.parameters() if p.device.type != "meta"), None)
+        if device is None:
+            return
+        if adapter_name in self.sparse_delta_values:
+            param = self.sparse_delta_values[adapter_name]
+            if param.device.type != "meta" and param.device != device:
+                self.sparse_delta_values[adapter_name] = nn.Parameter(
+                    param.data.to(device), requires_grad=param.requires_grad
+                )
+        if adapter_name in self.sparse_delta_indices:
+            self.sparse_delta_indices[adapter_name] = self.sparse_delta_indices[adapter_name].to(device)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """Dense delta of one adapter in the stored weight layout (a new tensor; use transiently)."""
+        return scatter_delta(
+            self.sparse_delta_values[adapter], self.sparse_delta_indices[adapter], self.weight_shape
+        ).view(self._stored_shape())
+
+    def _stored_shape(self) -> tuple[int, int]:
+        return self.weight_shape
+
+    def _active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.sparse_delta_values]
+
+    # forward --------------------------------------------------------------------------------------------------------
+    def _can_compose(self, x: torch.Tensor, adapters: list[str]) -> bool:
+        modes = {self.compose_mode[a] for a in adapters}
+        if "never" in modes or self.quantized:
+            return False
+        base = self.get_base_layer()
+        weight = base.weight
+        always = "always" in modes
+        if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+            return False  # offloading / ZeRO-3 hooks must see the base layer's own forward
+        if weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type):
+            return False
+        return always or weight.dtype in (torch.float32, torch.float64)
+
+    def _delta_output(self, x, weight, adapters):
+        spec = self.delta_specs[adapters[0]]
+        values = [self.sparse_delta_values[a] for a in adapters]
+        indices = [self.sparse_delta_indices[a] for a in adapters]
+        if any(self.delta_specs[a] != spec for a in adapters[1:]):
+            return sum(self._delta_output(x, weight if i == 0 else None, [a]) for i, a in enumerate(adapters))
+        return sparse_delta_linear(x, weight, spec, values, indices)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        adapters = self._active()
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        self._check_loaded(adapters)
+        base = self.get_base_layer()
+        if self._can_compose(x, adapters):
+            out = self._delta_output(x, base.weight, adapters)
+            return out if base.bias is None else out + base.bias
+        result = self.base_layer(x, *args, **kwargs)
+        delta_x = x if x.dtype == result.dtype else x.to(result.dtype)
+        return result + self._delta_output(delta_x, None, adapters)
+
+    def _check_loaded(self, adapters) -> None:
+        unloaded = self._placeholder_adapters.intersection(adapters)
+        if unloaded:
+            raise RuntimeError(
+                f"sparse-delta adapter(s) {sorted(unloaded)} were built from a config without a mask and their "
+                "coordinates were never loaded; use PeftModel.from_pretrained / load_adapter, or pass mask=..."
+            )
+
+    # merging --------------------------------------------------------------------------------------------------------
+    def _refuse_quantized_merge(self):
+        if self.quantized:
+            raise ValueError(
+                f"cannot merge a sparse delta into the quantized layer {type(self.get_base_layer()).__name__}: "
+                "re-quantizing would round the (typically sub-step) update away and unmerge could not restore the "
+                "base. Load the base model in float32/bfloat16 to merge, or keep the adapter unmerged."
+            )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        self._refuse_quantized_merge()
+        self._check_loaded(adapter_names)
+        flat = self.get_base_layer().weight.data.view(-1)
+        for adapter in adapter_names:
+            if adapter not in self.sparse_delta_values:
+                continue
+            idx = self.sparse_delta_indices[adapter]
+            original = flat[idx].clone()
+            merged = (original.double() + self.sparse_delta_values[adapter].detach().double()).to(flat.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs in the merged weights: adapter {adapter!r} is broken")
+            self._merge_backup[adapter] = original
+            flat.index_copy_(0, idx, merged)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        flat = self.get_base_layer().weight.data.view(-1)
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self._merge_backup:
+                flat.index_copy_(0, self.sparse_delta_indices[adapter], self._merge_backup.pop(adapter))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it before deleting")
+        super().delete_adapter(adapter_name)
+        self.delta_specs.pop(adapter_name, None)
+        self._placeholder_adapters.discard(adapter_name)
+        self.compose_mode.pop(adapter_name, None)
+
+
+class SparseDeltaModule(nn.Module, SparseDeltaLayer):
+    """Module form of the layer; subclasses only change how the stored weight is read."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, indices, config, module_name: str = "", **kwargs):
+        super().__init__()
+        SparseDeltaLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, indices, config, module_name=module_name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # nn.Module's placeholder forward precedes the mixin's in the MRO, so name the real one explicitly.
+        return SparseDeltaLayer.forward(self, x, *args, **kwargs)
+
+
+class Linear(SparseDeltaModule):
+    """Sparse delta on an ``nn.Linear`` (weight stored ``(out, in)``)."""

@@ -1,0 +1,263 @@
+"""`SparseDeltaModel`: injects sparse-delta layers, resolves masks, and saves the compact adapter format."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D as HFConv1D
+
+from peft.tuners.tuners_utils import BaseTuner
+
+from ..masks.encoding import IndexEncodingError, decode_indices, encode_indices
+from ..masks.budget import allocate_budget
+from ..masks.sparse_mask import SparseMask, normalize_module_name
+from .bnb import QuantizedLinear, bnb_layer_types
+from .config import SparseDeltaConfig
+from .conv1d import Conv1D
+from .fingerprint import check_fingerprint, compute_fingerprint
+from .layer import _DTYPES, Linear, SparseDeltaLayer
+
+_OUTPUT_HEADS = ("lm_head", "embed_out", "score", "classifier")
+
+
+def _stored_shape(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, SparseDeltaLayer):
+        return module.weight_shape
+    if isinstance(module, HFConv1D):
+        return tuple(module.weight.shape)
+    if isinstance(module, nn.Linear) or isinstance(module, bnb_layer_types()):
+        return (module.out_features, module.in_features)
+    return None
+
+
+def _plain_weight(module: nn.Module) -> torch.Tensor | None:
+    base = module.get_base_layer() if isinstance(module, SparseDeltaLayer) else module
+    if isinstance(base, bnb_layer_types()):
+        return None
+    return base.weight
+
+
+class SparseDeltaModel(BaseTuner):
+    """Sparse-delta PEFT model; created by `get_peft_model(model, SparseDeltaConfig(...))`."""
+
+    prefix: str = "sparse_delta_"
+    tuner_layer_cls = SparseDeltaLayer
+    target_module_mapping: dict = {}
+
+    # configuration --------------------------------------------------------------------------------------------------
+    def _prepare_adapter_config(self, peft_config: SparseDeltaConfig, model_config: dict) -> SparseDeltaConfig:
+        if peft_config.target_modules is None:
+            if peft_config.module_counts:
+                peft_config.target_modules = set(peft_config.module_counts)
+            else:
+                peft_config.target_modules = "all-linear"
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        self._pending_indices = self._resolve_indices(model, config, adapter_name)
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        finally:
+            pending, self._pending_indices = self._pending_indices, None
+        if pending:
+            missing = sorted(pending)
+            raise ValueError(
+                f"the mask names modules that were not adapted: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
+                "They must be nn.Linear, transformers Conv1D or bitsandbytes linear layers matched by target_modules"
+            )
+        self._check_or_set_fingerprint(model, config, adapter_name)
+
+    def _candidate_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {name: module for name, module in model.named_modules() if _stored_shape(module) is not None}
+
+    def _resolve_indices(self, model: nn.Module, config: SparseDeltaConfig, adapter_name: str):
+        """Module name -> int64 flat indices (or a count when loading: indices come from the adapter file)."""
+        candidates = self._candidate_modules(model)
+        if config.mask is not None:
+            mask = config.mask
+            if isinstance(mask, dict):
+                shapes = {normalize_module_name(n): _stored_shape(candidates[normalize_module_name(n)])
+                          for n in mask if normalize_module_name(n) in candidates}
+                unknown = [n for n in mask if normalize_module_name(n) not in candidates]
+                if unknown:
+                    raise ValueError(self._unknown_modules_message(unknown, model))
+                mask = SparseMask.from_dict(mask, shapes)
+            unknown = [n for n in mask.modules() if n not in candidates]
+            if unknown:
+                raise ValueError(self._unknown_modules_message(unknown, model))
+            for name in mask.modules():
+                actual = _stored_shape(candidates[name])
+                if tuple(mask.shapes[name]) != tuple(actual):
+                    raise ValueError(
+                        f"{name}: the mask was made for a weight of shape {tuple(mask.shapes[name])} but the model's "
+                        f"weight has shape {tuple(actual)}; build the mask from this model"
+                    )
+            resolved = dict(mask.indices)
+        elif config.module_counts:
+            resolved = {name: int(k) for name, k in config.module_counts.items()}
+        elif config.mask_init is not None:
+            if config.target_modules in (None, "all-linear"):
+                targets = [n for n in candidates if n.split(".")[-1] not in _OUTPUT_HEADS]
+            else:
+                targets = [n for n in candidates if self._check_target_module_exists(config, n)]
+            resolved = _initial_mask(
+                {n: candidates[n] for n in targets}, config.mask_init, config.density, config.block_weights,
+                config.mask_seed,
+            )
+            config.target_modules = set(resolved)
+        else:
+            raise ValueError("SparseDeltaConfig has neither a mask, mask_init nor module_counts")
+        config.module_counts = {n: int(v) if isinstance(v, int) else int(v.numel()) for n, v in resolved.items()}
+        config.module_shapes = {n: list(_stored_shape(candidates[n])) for n in resolved if n in candidates}
+        if config.mask is None and config.mask_init is not None:
+            # Keep the drawn mask on the config (same storage as the layers' buffers, not serialized) so that reusing
+            # this config object adapts another model with the same coordinates.
+            config.mask = SparseMask(resolved, {n: tuple(config.module_shapes[n]) for n in resolved})
+        return resolved
+
+    @staticmethod
+    def _unknown_modules_message(unknown, model) -> str:
+        names = [n for n, m in model.named_modules() if _stored_shape(m) is not None][:5]
+        return (
+            f"the mask names {len(unknown)} module(s) that are not linear layers of this model: {unknown[:5]}. "
+            f"Use module names as in model.named_modules(), e.g. {names}"
+        )
+
+    def _check_or_set_fingerprint(self, model, config, adapter_name):
+        layers = {}
+        for name, module in model.named_modules():
+            if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_delta_values:
+                layers[name] = (module.weight_shape, _plain_weight(module))
+        actual = compute_fingerprint(layers)
+        if config.base_model_fingerprint is None:
+            config.base_model_fingerprint = actual
+        else:
+            check_fingerprint(config.base_model_fingerprint, actual, adapter_name)
+
+    # module creation ------------------------------------------------------------------------------------------------
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        pending = self._pending_indices
+        if current_key not in pending:
+            return  # matched by a target_modules pattern but not in the mask: leave it alone
+        entry = pending.pop(current_key)
+        placeholder = not isinstance(entry, torch.Tensor)
+        indices = _placeholder_indices(entry, _stored_shape(target)) if placeholder else entry
+        if isinstance(target, SparseDeltaLayer):
+            target.update_layer(adapter_name, indices, peft_config, module_name=current_key, placeholder=placeholder)
+            return
+        new_module = self._create_new_module(peft_config, adapter_name, target, indices, current_key)
+        if placeholder:
+            new_module._placeholder_adapters.add(adapter_name)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(config, adapter_name, target, indices, module_name):
+        if isinstance(target, bnb_layer_types()):
+            cls = QuantizedLinear
+        elif isinstance(target, HFConv1D):
+            cls = Conv1D
+        elif isinstance(target, nn.Linear):
+            cls = Linear
+        else:
+            raise TypeError(
+                f"{module_name}: {type(target).__name__} is not supported by SparseDelta; supported layers are "
+                "nn.Linear, transformers Conv1D and bitsandbytes Linear8bitLt / Linear4bit"
+            )
+        return cls(target, adapter_name, indices, config, module_name=module_name)
+
+    # saving and loading ---------------------------------------------------------------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        save_dtype = _DTYPES[config.save_dtype] if config.save_dtype else None
+        shapes = config.module_shapes or {}
+        for key in list(out):
+            if ".sparse_delta_indices." in key:
+                module = normalize_module_name(key.split(".sparse_delta_indices.")[0])
+                numel = math.prod(shapes[module])
+                out[key] = encode_indices(out[key], numel, config.index_encoding)
+            elif ".sparse_delta_values." in key and save_dtype is not None:
+                out[key] = out[key].to(save_dtype)
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        shapes = config.module_shapes or {}
+        counts = config.module_counts or {}
+        seen = set()
+        for key in list(remapped):
+            if f".sparse_delta_indices.{adapter_name}" in key:
+                module = normalize_module_name(key.split(".sparse_delta_indices.")[0])
+                if module not in shapes:
+                    raise ValueError(f"adapter file has indices for {module}, which adapter_config.json does not list")
+                try:
+                    idx = decode_indices(remapped[key], math.prod(shapes[module]), name=module)
+                except IndexEncodingError as err:
+                    raise ValueError(f"corrupted or foreign sparse-delta adapter file: {err}") from None
+                if idx.numel() != counts.get(module):
+                    raise ValueError(
+                        f"{module}: the adapter file holds {idx.numel()} indices but adapter_config.json says "
+                        f"{counts.get(module)} (mismatched config and weights)"
+                    )
+                remapped[key] = idx
+                seen.add(module)
+                _mark_loaded(model, key.split(".sparse_delta_indices.")[0], adapter_name)
+            elif f".sparse_delta_values.{adapter_name}" in key:
+                values = remapped[key]
+                module = normalize_module_name(key.split(".sparse_delta_values.")[0])
+                if not values.is_floating_point():
+                    raise ValueError(f"{module}: sparse-delta values must be floating point, got {values.dtype}")
+                if not torch.isfinite(values).all():
+                    bad = int((~torch.isfinite(values)).sum())
+                    raise ValueError(f"{module}: the adapter file holds {bad} non-finite values (NaN or inf)")
+        missing = sorted(set(counts) - seen)
+        if missing:
+            raise ValueError(
+                f"the adapter file has no sparse-delta indices for {len(missing)} module(s), e.g. {missing[:3]}: it is "
+                "truncated, from another PEFT method, or does not belong to this adapter_config.json"
+            )
+        return remapped
+
+
+def _initial_mask(modules: dict[str, nn.Module], how: str, density: float, block_weights, seed: int):
+    """mask_init: per module, the smallest-|W| or random coordinates under an FFN-weighted budget."""
+    shapes = {name: _stored_shape(module) for name, module in modules.items()}
+    counts = allocate_budget(shapes, density=density, block_weights=block_weights)
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, module in modules.items():
+        numel = math.prod(shapes[name])
+        if how == "random":
+            out[name] = torch.randperm(numel, generator=gen)[: counts[name]]
+            continue
+        weight = _plain_weight(module)
+        if weight is None:
+            raise ValueError(
+                f"{name}: mask_init='magnitude' needs plain weights but the layer is quantized; build the mask on the "
+                "unquantized model (sparse_opd.masks.near_zero_mask) and pass it as mask=..."
+            )
+        out[name] = torch.topk(weight.detach().float().abs().reshape(-1), counts[name], largest=False).indices.cpu()
+    return out
+
+
+def _placeholder_indices(count: int, shape) -> torch.Tensor:
+    """Valid stand-in indices for a module whose real indices come from the adapter file being loaded."""
+    numel = shape[0] * shape[1]
+    if not 0 < count <= numel:
+        raise ValueError(f"module_counts asks for {count} coordinates in a weight of {numel} entries")
+    return torch.arange(count, dtype=torch.long) * (numel // count)
+
+
+def _mark_loaded(model: nn.Module, module_path: str, adapter_name: str) -> None:
+    try:
+        layer = model.get_submodule(module_path)
+    except AttributeError:
+        return
+    if isinstance(layer, SparseDeltaLayer):
+        layer._placeholder_adapters.discard(adapter_name)
