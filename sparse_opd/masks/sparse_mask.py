@@ -26,7 +26,8 @@ def normalize_module_name(name: str) -> str:
     for suffix in _SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
-    return name
+    # a layer already wrapped by PEFT keeps its weight in `<name>.base_layer`
+    return name.removesuffix(".base_layer")
 
 
 @dataclass

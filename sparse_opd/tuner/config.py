@@ -50,7 +50,8 @@ class SparseDeltaConfig(PeftConfig):
         save_dtype (`str`, *optional*): dtype of the values in `adapter_model.safetensors` (default: `value_dtype`).
         index_encoding (`str`): `"auto"` (smallest per module), `"gaps"`, `"bitmap"` or `"int32"`.
 
-    Filled in by the tuner (do not set by hand): `module_counts`, `module_shapes`, `base_model_fingerprint`.
+    Filled in by the tuner (do not set by hand): `module_counts`, `module_index_bytes`, `module_shapes`,
+    `base_model_fingerprint`.
     """
 
     mask: Optional[Any] = field(
@@ -98,6 +99,9 @@ class SparseDeltaConfig(PeftConfig):
     )
     module_counts: Optional[dict[str, int]] = field(
         default=None, metadata={"help": "Filled by the tuner: trained coordinates per module."}
+    )
+    module_index_bytes: Optional[dict[str, int]] = field(
+        default=None, metadata={"help": "Filled by the tuner: size of each module's encoded index stream."}
     )
     module_shapes: Optional[dict[str, list[int]]] = field(
         default=None, metadata={"help": "Filled by the tuner: shape of each adapted weight as stored."}

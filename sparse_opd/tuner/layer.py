@@ -12,8 +12,9 @@ from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from ..masks.encoding import validate_flat_indices
+from ..masks.encoding import IndexEncodingError, decode_indices, encode_indices, validate_flat_indices
 from .functional import DeltaSpec, scatter_delta, sparse_delta_linear
+from .index_streams import IndexStreamDict
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -26,19 +27,21 @@ class SparseDeltaLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("sparse_delta_values",)
-    other_param_names = ("sparse_delta_indices",)
+    other_param_names = ("sparse_delta_indices", "sparse_delta_index_stream")
     transposed = False
     quantized = False
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.sparse_delta_values = nn.ParameterDict({})
-        self.sparse_delta_indices = BufferDict({}, persistent=True)
+        # decoded int64 flat indices used for compute; the persistent form is the encoded stream
+        self.sparse_delta_indices = BufferDict({}, persistent=False)
+        self.sparse_delta_index_stream = IndexStreamDict(self)
         self.delta_specs: dict[str, DeltaSpec] = {}
         self.compose_mode: dict[str, str] = {}
         # original weight entries at the adapter's indices while it is merged, so unmerge is bit-exact
         self._merge_backup: dict[str, torch.Tensor] = {}
-        # adapters built from module_counts alone, whose indices must still come from an adapter file
+        # adapters built from a saved config alone, whose indices must still come from an adapter file
         self._placeholder_adapters: set[str] = set()
         self._disable_adapters = False
         self.merged_adapters = []
@@ -56,11 +59,27 @@ class SparseDeltaLayer(BaseTunerLayer):
 
     # adapters -------------------------------------------------------------------------------------------------------
     def update_layer(
-        self, adapter_name: str, indices: torch.Tensor, config, module_name: str = "", placeholder: bool = False
+        self,
+        adapter_name: str,
+        indices: torch.Tensor | None,
+        config,
+        module_name: str = "",
+        placeholder: tuple[int, int] | None = None,
     ) -> None:
-        if placeholder:
+        """Add an adapter on ``indices``; or, with ``placeholder=(k, stream_bytes)``, reserve room for one whose
+        coordinates an adapter file will fill in."""
+        self._module_name = module_name
+        numel = self.weight_numel
+        if placeholder is not None:
+            k, stream_bytes = placeholder
+            if not 0 < k <= numel:
+                raise ValueError(f"{module_name}: the config asks for {k} coordinates in a weight of {numel} entries")
+            indices = torch.arange(k, dtype=torch.long) * (numel // k)
+            stream = torch.zeros(stream_bytes, dtype=torch.uint8)
             self._placeholder_adapters.add(adapter_name)
-        indices = validate_flat_indices(indices, self.weight_numel, name=module_name or adapter_name)
+        else:
+            indices = validate_flat_indices(indices, numel, name=module_name or adapter_name)
+            stream = encode_indices(indices, numel, config.index_encoding)
         dtype = _DTYPES[config.value_dtype]
         k = indices.numel()
         if config.init_weights:
@@ -70,6 +89,7 @@ class SparseDeltaLayer(BaseTunerLayer):
             values = (torch.randn(k, generator=gen, dtype=torch.float32) * 0.02).to(dtype)
         self.sparse_delta_values[adapter_name] = nn.Parameter(values)
         self.sparse_delta_indices[adapter_name] = indices
+        self.sparse_delta_index_stream.set_encoded(adapter_name, stream)
         self.delta_specs[adapter_name] = DeltaSpec(
             shape=self.weight_shape,
             transposed=self.transposed,
@@ -80,6 +100,20 @@ class SparseDeltaLayer(BaseTunerLayer):
         self.compose_mode[adapter_name] = config.compose
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _on_index_stream_loaded(self, adapter_name: str) -> None:
+        """A loader wrote this adapter's index stream: decode it into the compute indices."""
+        stream = self.sparse_delta_index_stream[adapter_name]
+        name = getattr(self, "_module_name", "") or adapter_name
+        indices = decode_indices(stream.cpu(), self.weight_numel, name=name)
+        expected = self.sparse_delta_values[adapter_name].numel()
+        if indices.numel() != expected:
+            raise IndexEncodingError(
+                f"{name}: the adapter file holds {indices.numel()} indices for {expected} values "
+                "(adapter_config.json and adapter_model.safetensors do not belong together)"
+            )
+        self.sparse_delta_indices[adapter_name] = indices.to(stream.device)
+        self._placeholder_adapters.discard(adapter_name)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # Unlike PEFT's default, keep the values' own dtype (fp32 by default) on a bf16/fp16/quantized base.
@@ -96,6 +130,8 @@ class SparseDeltaLayer(BaseTunerLayer):
                 )
         if adapter_name in self.sparse_delta_indices:
             self.sparse_delta_indices[adapter_name] = self.sparse_delta_indices[adapter_name].to(device)
+            stream = self.sparse_delta_index_stream[adapter_name].to(device)
+            self.sparse_delta_index_stream.set_encoded(adapter_name, stream)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Dense delta of one adapter in the stored weight layout (a new tensor; use transiently)."""
@@ -208,11 +244,13 @@ class SparseDeltaLayer(BaseTunerLayer):
 class SparseDeltaModule(nn.Module, SparseDeltaLayer):
     """Module form of the layer; subclasses only change how the stored weight is read."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, indices, config, module_name: str = "", **kwargs):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, indices, config, module_name: str = "", placeholder=None, **kwargs
+    ):
         super().__init__()
         SparseDeltaLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, indices, config, module_name=module_name)
+        self.update_layer(adapter_name, indices, config, module_name=module_name, placeholder=placeholder)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # nn.Module's placeholder forward precedes the mixin's in the MRO, so name the real one explicitly.

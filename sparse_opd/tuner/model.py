@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from peft.tuners.tuners_utils import BaseTuner
 
-from ..masks.encoding import IndexEncodingError, decode_indices, encode_indices
+from ..masks.encoding import IndexEncodingError, decode_indices
 from ..masks.budget import allocate_budget
 from ..masks.sparse_mask import SparseMask, normalize_module_name
 from .bnb import QuantizedLinear, bnb_layer_types
@@ -69,6 +69,11 @@ class SparseDeltaModel(BaseTuner):
                 "They must be nn.Linear, transformers Conv1D or bitsandbytes linear layers matched by target_modules"
             )
         self._check_or_set_fingerprint(model, config, adapter_name)
+        config.module_index_bytes = {
+            name.removeprefix("base_model.model."): int(module.sparse_delta_index_stream[adapter_name].numel())
+            for name, module in model.named_modules()
+            if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_delta_index_stream
+        }
 
     def _candidate_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         return {name: module for name, module in model.named_modules() if _stored_shape(module) is not None}
@@ -97,7 +102,12 @@ class SparseDeltaModel(BaseTuner):
                     )
             resolved = dict(mask.indices)
         elif config.module_counts:
-            resolved = {name: int(k) for name, k in config.module_counts.items()}
+            if set(config.module_counts) != set(config.module_index_bytes or {}):
+                raise ValueError(
+                    "adapter_config.json lists module_counts without matching module_index_bytes; it was not written "
+                    "by this version of sparse_opd or was edited by hand"
+                )
+            resolved = {name: (int(k), int(config.module_index_bytes[name])) for name, k in config.module_counts.items()}
         elif config.mask_init is not None:
             if config.target_modules in (None, "all-linear"):
                 targets = [n for n in candidates if n.split(".")[-1] not in _OUTPUT_HEADS]
@@ -110,7 +120,7 @@ class SparseDeltaModel(BaseTuner):
             config.target_modules = set(resolved)
         else:
             raise ValueError("SparseDeltaConfig has neither a mask, mask_init nor module_counts")
-        config.module_counts = {n: int(v) if isinstance(v, int) else int(v.numel()) for n, v in resolved.items()}
+        config.module_counts = {n: int(v[0]) if isinstance(v, tuple) else int(v.numel()) for n, v in resolved.items()}
         config.module_shapes = {n: list(_stored_shape(candidates[n])) for n in resolved if n in candidates}
         if config.mask is None and config.mask_init is not None:
             # Keep the drawn mask on the config (same storage as the layers' buffers, not serialized) so that reusing
@@ -143,20 +153,18 @@ class SparseDeltaModel(BaseTuner):
         if current_key not in pending:
             return  # matched by a target_modules pattern but not in the mask: leave it alone
         entry = pending.pop(current_key)
-        placeholder = not isinstance(entry, torch.Tensor)
-        indices = _placeholder_indices(entry, _stored_shape(target)) if placeholder else entry
+        placeholder = entry if isinstance(entry, tuple) else None
+        indices = None if placeholder else entry
         if isinstance(target, SparseDeltaLayer):
             target.update_layer(adapter_name, indices, peft_config, module_name=current_key, placeholder=placeholder)
             return
-        new_module = self._create_new_module(peft_config, adapter_name, target, indices, current_key)
-        if placeholder:
-            new_module._placeholder_adapters.add(adapter_name)
+        new_module = self._create_new_module(peft_config, adapter_name, target, indices, current_key, placeholder)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     @staticmethod
-    def _create_new_module(config, adapter_name, target, indices, module_name):
+    def _create_new_module(config, adapter_name, target, indices, module_name, placeholder=None):
         if isinstance(target, bnb_layer_types()):
             cls = QuantizedLinear
         elif isinstance(target, HFConv1D):
@@ -168,21 +176,15 @@ class SparseDeltaModel(BaseTuner):
                 f"{module_name}: {type(target).__name__} is not supported by SparseDelta; supported layers are "
                 "nn.Linear, transformers Conv1D and bitsandbytes Linear8bitLt / Linear4bit"
             )
-        return cls(target, adapter_name, indices, config, module_name=module_name)
+        return cls(target, adapter_name, indices, config, module_name=module_name, placeholder=placeholder)
 
     # saving and loading ---------------------------------------------------------------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        save_dtype = _DTYPES[config.save_dtype] if config.save_dtype else None
-        shapes = config.module_shapes or {}
-        for key in list(out):
-            if ".sparse_delta_indices." in key:
-                module = normalize_module_name(key.split(".sparse_delta_indices.")[0])
-                numel = math.prod(shapes[module])
-                out[key] = encode_indices(out[key], numel, config.index_encoding)
-            elif ".sparse_delta_values." in key and save_dtype is not None:
-                out[key] = out[key].to(save_dtype)
+        if config.save_dtype:
+            dtype = _DTYPES[config.save_dtype]
+            out = {k: v.to(dtype) if ".sparse_delta_values." in k else v for k, v in out.items()}
         return out
 
     @classmethod
@@ -192,8 +194,8 @@ class SparseDeltaModel(BaseTuner):
         counts = config.module_counts or {}
         seen = set()
         for key in list(remapped):
-            if f".sparse_delta_indices.{adapter_name}" in key:
-                module = normalize_module_name(key.split(".sparse_delta_indices.")[0])
+            if f".sparse_delta_index_stream.{adapter_name}" in key:
+                module = normalize_module_name(key.split(".sparse_delta_index_stream.")[0])
                 if module not in shapes:
                     raise ValueError(f"adapter file has indices for {module}, which adapter_config.json does not list")
                 try:
@@ -205,9 +207,7 @@ class SparseDeltaModel(BaseTuner):
                         f"{module}: the adapter file holds {idx.numel()} indices but adapter_config.json says "
                         f"{counts.get(module)} (mismatched config and weights)"
                     )
-                remapped[key] = idx
                 seen.add(module)
-                _mark_loaded(model, key.split(".sparse_delta_indices.")[0], adapter_name)
             elif f".sparse_delta_values.{adapter_name}" in key:
                 values = remapped[key]
                 module = normalize_module_name(key.split(".sparse_delta_values.")[0])
@@ -244,20 +244,3 @@ def _initial_mask(modules: dict[str, nn.Module], how: str, density: float, block
             )
         out[name] = torch.topk(weight.detach().float().abs().reshape(-1), counts[name], largest=False).indices.cpu()
     return out
-
-
-def _placeholder_indices(count: int, shape) -> torch.Tensor:
-    """Valid stand-in indices for a module whose real indices come from the adapter file being loaded."""
-    numel = shape[0] * shape[1]
-    if not 0 < count <= numel:
-        raise ValueError(f"module_counts asks for {count} coordinates in a weight of {numel} entries")
-    return torch.arange(count, dtype=torch.long) * (numel // count)
-
-
-def _mark_loaded(model: nn.Module, module_path: str, adapter_name: str) -> None:
-    try:
-        layer = model.get_submodule(module_path)
-    except AttributeError:
-        return
-    if isinstance(layer, SparseDeltaLayer):
-        layer._placeholder_adapters.discard(adapter_name)
