@@ -30,7 +30,7 @@ class DeltaSpec:
     shape: tuple[int, int]
     transposed: bool  # True for Conv1D: stored (in, out), y = x @ W
     value_grad: str = "auto"  # "auto" | "dense" | "sampled"
-    sampled_max_density: float = 0.002
+    sampled_max_density: float = 0.003
     block_elements: int = 1 << 24
 
 
