@@ -218,3 +218,15 @@ def test_mask_init_magnitude_picks_the_smallest_weights():
     rest[idx] = False
     assert chosen.max() <= weight.abs().reshape(-1)[rest].min()
     assert "lm_head" not in peft_model.peft_config["default"].module_counts
+
+
+def test_add_weighted_adapter_sums_deltas_on_the_union_of_coordinates(tokens):
+    model = make_model("llama")
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask=_mask(model, seed=1), init_weights=False))
+    peft_model.add_adapter("b", SparseDeltaConfig(mask=_mask(model, seed=2), init_weights=False))
+    peft_model.base_model.add_weighted_adapter(["default", "b"], [0.5, 2.0], "mix")
+    for layer in _delta_layers(peft_model).values():
+        expected = 0.5 * layer.get_delta_weight("default") + 2.0 * layer.get_delta_weight("b")
+        torch.testing.assert_close(layer.get_delta_weight("mix"), expected)
+        union = torch.unique(torch.cat([layer.sparse_delta_indices["default"], layer.sparse_delta_indices["b"]]))
+        assert torch.equal(layer.sparse_delta_indices["mix"], union)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -223,6 +224,44 @@ class SparseDeltaModel(BaseTuner):
                 "truncated, from another PEFT method, or does not belong to this adapter_config.json"
             )
         return remapped
+
+    # combining adapters ---------------------------------------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Add ``adapter_name`` = sum_i weights[i] * delta_i, on the union of the adapters' coordinates.
+
+        Sums of sparse deltas are exact (no SVD or rank truncation as for LoRA): a coordinate trained by several
+        adapters gets the weighted sum of their values.
+        """
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError("add_weighted_adapter needs one weight per adapter and at least one adapter")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"unknown adapters {missing}; known: {sorted(self.peft_config)}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; pick a new name or delete it first")
+        layers = {n: m for n, m in self.model.named_modules() if isinstance(m, SparseDeltaLayer)}
+        union, shapes = {}, {}
+        for name, layer in layers.items():
+            parts = [layer.sparse_delta_indices[a].cpu() for a in adapters if a in layer.sparse_delta_indices]
+            if parts:
+                union[name] = torch.unique(torch.cat(parts))
+                shapes[name] = layer.weight_shape
+        base = self.peft_config[adapters[0]]
+        config = dataclasses.replace(
+            base, mask=SparseMask(union, shapes), mask_init=None, target_modules=None, module_counts=None,
+            module_index_bytes=None, module_shapes=None, base_model_fingerprint=None, inference_mode=True,
+        )
+        self.peft_config[adapter_name] = config
+        self.inject_adapter(self.model, adapter_name)
+        with torch.no_grad():
+            for name, indices in union.items():
+                layer = layers[name]
+                values = layer.sparse_delta_values[adapter_name]
+                values.zero_()
+                for adapter, weight in zip(adapters, weights):
+                    if adapter in layer.sparse_delta_indices:
+                        pos = torch.searchsorted(indices.to(values.device), layer.sparse_delta_indices[adapter])
+                        values.index_add_(0, pos, weight * layer.sparse_delta_values[adapter].to(values.dtype))
 
 
 def _initial_mask(modules: dict[str, nn.Module], how: str, density: float, block_weights, seed: int):
