@@ -1,0 +1,163 @@
+"""`SparseOPDConfig`: `DistillationConfig` plus the choice of trained coordinates, the teacher's context and telemetry."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+
+from trl import DistillationConfig
+
+MASK_STRATEGIES = ("file", "diff", "probe", "near_zero", "random")
+
+
+@dataclass
+class SparseOPDConfig(DistillationConfig):
+    r"""
+    Configuration of [`SparseOPDTrainer`]: every [`~trl.DistillationConfig`] field, plus the fields below.
+
+    Parameters that choose the trained coordinates (used only when the trainer is given neither a sparse-delta
+    `PeftModel` nor a `peft_config`):
+
+        mask_strategy (`str`, *optional*):
+            How to build the mask: `"file"` (a mask saved with `SparseMask.save`, at `mask_path`), `"diff"` (the
+            coordinates that changed between two checkpoints `mask_diff_base` and `mask_diff_tuned`, e.g. a full OPD
+            run), `"probe"` (statistics of `mask_probe_steps` dense OPD steps run first), `"near_zero"` (the
+            smallest-|W| coordinates, OPD's prior) or `"random"`.
+        mask_path (`str`, *optional*): mask file for `mask_strategy="file"`.
+        mask_diff_base (`str`, *optional*): base checkpoint (local dir or Hub id) for `"diff"`.
+        mask_diff_tuned (`str`, *optional*): tuned checkpoint for `"diff"`.
+        mask_diff_threshold (`float`, *optional*, defaults to `1e-5`): `|tuned - base|` above which a coordinate
+            counts as changed, for `"diff"`.
+        mask_density (`float`, *optional*, defaults to `0.01`): fraction of the targeted weight entries to train, for
+            `"probe"`, `"near_zero"` and `"random"`.
+        mask_block_weights (`str`, *optional*, defaults to `"ffn"`): how the budget splits between blocks: `"ffn"`
+            (FFN-heavy, as OPD's own updates) or `"uniform"`.
+        mask_target_modules (`list[str]`, *optional*): modules to consider (default: every linear layer but the
+            output head).
+        mask_probe_steps (`int`, *optional*, defaults to `8`): dense OPD steps of the `"probe"` strategy.
+        mask_probe_statistic (`str`, *optional*, defaults to `"update"`): statistic the probe ranks coordinates by
+            (see `sparse_opd.masks.ProbeCallback`).
+        mask_seed (`int`, *optional*, defaults to `0`): seed of `"random"`.
+
+    Parameters that control the teacher's context:
+
+        teacher_prompt_column (`str` or `None`, *optional*, defaults to `"teacher_prompt"`):
+            If the dataset has this column, the teacher scores each completion after this prompt instead of the
+            student's prompt: on-policy context distillation (the column holds privileged information such as worked
+            examples or the reference solution, which the student never sees). Same format as `prompt`
+            (conversational or plain text). `None` ignores the column.
+        teacher_prompt_template (`str`, *optional*):
+            Builds the teacher prompt from each row when there is no teacher prompt column: a format string with
+            `{prompt}` (the student's last user message, or the whole prompt for plain text) and any other column,
+            e.g. `"Reference solution:\n{solution}\n\n{prompt}"`.
+
+    With no teacher model (neither `teacher_model` nor `teacher_model_name_or_path`), the teacher is the student's own
+    base weights (the adapter disabled) in the privileged context, which must then be given.
+
+    Parameters that control the weight-space telemetry:
+
+        log_weight_stats (`bool`, *optional*, defaults to `True`): log, every logging step, the fraction of masked
+            values that moved (`sparse/moved_frac`), that moved by more than `weight_stats_tau`
+            (`sparse/moved_frac_tau`), that survive a bf16 cast of the merged weight (`sparse/bf16_visible_frac`),
+            the delta's L2 norm per block (`sparse/delta_norm_ffn`, `..._attention`, `..._other`) and the L2 norm of
+            the last optimizer step's update of the values (`sparse/update_norm`, averaged over the logging window).
+        weight_stats_tau (`float`, *optional*, defaults to `1e-5`): threshold of `sparse/moved_frac_tau`.
+
+    > [!NOTE]
+    > Default differing from [`~trl.DistillationConfig`]: `learning_rate` is `1e-4` instead of `1e-6`. The trainable
+    > values are few and start at zero; the full-fine-tuning rate moves them too little to matter within a short run.
+    """
+
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={"help": "The initial learning rate for AdamW (on the sparse values)."},
+    )
+
+    # Parameters that choose the trained coordinates
+    mask_strategy: str | None = field(
+        default=None,
+        metadata={
+            "help": "How to build the mask when the model has no sparse-delta adapter: 'file', 'diff', 'probe', "
+            "'near_zero' or 'random'."
+        },
+    )
+    mask_path: str | None = field(default=None, metadata={"help": "Mask file for mask_strategy='file'."})
+    mask_diff_base: str | None = field(default=None, metadata={"help": "Base checkpoint for mask_strategy='diff'."})
+    mask_diff_tuned: str | None = field(
+        default=None, metadata={"help": "Tuned checkpoint for mask_strategy='diff'."}
+    )
+    mask_diff_threshold: float = field(
+        default=1e-5, metadata={"help": "|tuned - base| above which a coordinate counts as changed ('diff')."}
+    )
+    mask_density: float = field(
+        default=0.01, metadata={"help": "Fraction of targeted weight entries to train ('probe', 'near_zero', 'random')."}
+    )
+    mask_block_weights: str = field(
+        default="ffn", metadata={"help": "Budget split between blocks: 'ffn' (FFN-heavy) or 'uniform'."}
+    )
+    mask_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to consider for the mask (default: all linear layers but the head)."}
+    )
+    mask_probe_steps: int = field(default=8, metadata={"help": "Dense OPD steps run by mask_strategy='probe'."})
+    mask_probe_statistic: str = field(
+        default="update", metadata={"help": "Statistic the probe ranks coordinates by (see ProbeCallback)."}
+    )
+    mask_seed: int = field(default=0, metadata={"help": "Seed of mask_strategy='random'."})
+
+    # Parameters that control the teacher's context
+    teacher_prompt_column: str | None = field(
+        default="teacher_prompt",
+        metadata={
+            "help": "Column with the teacher's privileged prompt (on-policy context distillation); used when the "
+            "dataset has it."
+        },
+    )
+    teacher_prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Format string building the teacher prompt from a row, with {prompt} and other columns, e.g. "
+            "'Reference solution:\\n{solution}\\n\\n{prompt}'."
+        },
+    )
+
+    # Parameters that control the weight-space telemetry
+    log_weight_stats: bool = field(
+        default=True, metadata={"help": "Log moved / bf16-visible fractions and delta / update norms."}
+    )
+    weight_stats_tau: float = field(default=1e-5, metadata={"help": "Threshold of sparse/moved_frac_tau."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mask_strategy is not None and self.mask_strategy not in MASK_STRATEGIES:
+            raise ValueError(f"mask_strategy must be one of {MASK_STRATEGIES} or None, got {self.mask_strategy!r}")
+        if self.mask_strategy == "file" and not self.mask_path:
+            raise ValueError("mask_strategy='file' needs mask_path (a file written by SparseMask.save)")
+        if self.mask_strategy == "diff" and not (self.mask_diff_base and self.mask_diff_tuned):
+            raise ValueError("mask_strategy='diff' needs mask_diff_base and mask_diff_tuned (two checkpoints)")
+        if self.mask_strategy != "file" and self.mask_path:
+            raise ValueError(f"mask_path is only used with mask_strategy='file', not {self.mask_strategy!r}")
+        if not 0 < self.mask_density <= 1:
+            raise ValueError(f"mask_density must be in (0, 1], got {self.mask_density}")
+        if self.mask_diff_threshold < 0:
+            raise ValueError(f"mask_diff_threshold must be >= 0, got {self.mask_diff_threshold}")
+        if self.mask_block_weights not in ("ffn", "uniform"):
+            raise ValueError(f"mask_block_weights must be 'ffn' or 'uniform', got {self.mask_block_weights!r}")
+        if self.mask_probe_steps < 1:
+            raise ValueError(f"mask_probe_steps must be >= 1, got {self.mask_probe_steps}")
+        if self.weight_stats_tau < 0:
+            raise ValueError(f"weight_stats_tau must be >= 0, got {self.weight_stats_tau}")
+        if self.teacher_prompt_template is not None:
+            fields_ = template_fields(self.teacher_prompt_template)
+            if "prompt" not in fields_:
+                raise ValueError(
+                    "teacher_prompt_template must contain {prompt} (the student's prompt), e.g. "
+                    "'Reference solution:\\n{solution}\\n\\n{prompt}'"
+                )
+
+
+def template_fields(template: str) -> set[str]:
+    """Names of the `{fields}` of a format string (raises on a malformed template)."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    except ValueError as error:
+        raise ValueError(f"teacher_prompt_template {template!r} is not a valid format string: {error}") from None

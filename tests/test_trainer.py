@@ -1,0 +1,305 @@
+"""SparseOPDTrainer on tiny models: learning, mask confinement, resume, context distillation, setup errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+from trl import DistillationTrainer
+
+import sparse_opd
+from sparse_opd import SparseDeltaConfig, SparseMask
+from sparse_opd.tasks import arithmetic_dataset
+from sparse_opd.trainer import BaseWeightsTeacher, SparseOPDConfig, SparseOPDTrainer, sparse_delta_layers, sparse_delta_stats
+from sparse_opd.trainer.vllm_sync import compose_merged_weight, iter_merged_named_weights
+from test_trainer_support import tiny_llama, tiny_tokenizer
+
+
+def make_args(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        mask_strategy="near_zero",
+        mask_density=0.2,
+        per_device_train_batch_size=4,
+        max_steps=4,
+        logging_steps=1,
+        max_completion_length=8,
+        learning_rate=2e-2,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    defaults.update(overrides)
+    return SparseOPDConfig(**defaults)
+
+
+def student_model(tokenizer):
+    """The tiny student, with a sharpened output head so that its next-token distributions are not flat."""
+    model = tiny_llama(tokenizer, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def peaked_teacher(tokenizer):
+    """The student with every block weight perturbed: a teacher the student's sparse delta can move towards."""
+    teacher = student_model(tokenizer)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in teacher.named_parameters():
+            if "layers." in name and param.ndim == 2:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    return teacher
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def train_set():
+    return arithmetic_dataset("train", 32, 1)
+
+
+def fixed_batch(trainer, dataset, n=8):
+    torch.manual_seed(123)
+    trainer.model.eval()
+    return trainer._generate_and_score_completions([dataset[i] for i in range(n)])
+
+
+@torch.no_grad()
+def divergence(trainer, batch):
+    trainer.model.eval()
+    return float(trainer.compute_loss(trainer.model, batch))
+
+
+def test_a_few_opd_steps_lower_the_divergence(tmp_path, tokenizer, train_set):
+    trainer = SparseOPDTrainer(
+        model=student_model(tokenizer), teacher_model=peaked_teacher(tokenizer),
+        args=make_args(tmp_path, max_steps=8, teacher_prompt_column=None), train_dataset=train_set,
+        processing_class=tokenizer,
+    )
+    batch = fixed_batch(trainer, train_set)
+    before = divergence(trainer, batch)
+    trainer.train()
+    after = divergence(trainer, batch)
+    assert after < 0.9 * before, (before, after)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    for key in ("sparse/moved_frac", "sparse/bf16_visible_frac", "sparse/delta_norm_ffn", "sparse/delta_norm_attention",
+                "sparse/update_norm"):
+        assert key in logged[-1], key
+    assert logged[-1]["sparse/moved_frac"] > 0.5 and logged[-1]["sparse/update_norm"] > 0
+
+
+def test_only_masked_coordinates_move(tmp_path, tokenizer, train_set):
+    student = student_model(tokenizer)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = SparseOPDTrainer(
+        model=student, teacher_model=peaked_teacher(tokenizer), args=make_args(tmp_path, max_steps=3),
+        train_dataset=train_set, processing_class=tokenizer,
+    )
+    trainer.train()
+    model = trainer.model
+    layers = sparse_delta_layers(model, "default")
+    assert layers
+    changed_total = 0
+    for name, layer in layers.items():
+        weight = layer.get_base_layer().weight
+        key = name.removeprefix("base_model.model.") + ".weight"
+        assert torch.equal(weight, before[key]), f"{key}: the frozen base weight changed"
+        merged = compose_merged_weight(layer).reshape(-1)
+        changed = torch.nonzero(merged != before[key].reshape(-1)).flatten()
+        assert set(changed.tolist()) <= set(layer.sparse_delta_indices["default"].tolist()), name
+        changed_total += changed.numel()
+    assert changed_total > 0
+    plain = dict(iter_merged_named_weights(model))
+    for key, value in before.items():
+        if key not in {n.removeprefix("base_model.model.") + ".weight" for n in layers}:
+            assert torch.equal(plain[key], value), f"{key} is not in the mask and must not move"
+
+
+def _trainable_state(trainer):
+    values = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    optimizer = {
+        k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in state.items()}
+        for k, state in trainer.optimizer.state_dict()["state"].items()
+    }
+    return values, optimizer
+
+
+def test_resume_from_checkpoint_continues_bit_identically(tmp_path, tokenizer, train_set):
+    def run(out, resume=None):
+        args = make_args(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2)
+        trainer = SparseOPDTrainer(
+            model=student_model(tokenizer), teacher_model=peaked_teacher(tokenizer), args=args, train_dataset=train_set,
+            processing_class=tokenizer,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return _trainable_state(trainer)
+
+    straight_values, straight_opt = run(tmp_path / "a")
+    resumed_values, resumed_opt = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert straight_values.keys() == resumed_values.keys()
+    for name in straight_values:
+        assert torch.equal(straight_values[name], resumed_values[name]), name
+    assert straight_opt.keys() == resumed_opt.keys()
+    for key in straight_opt:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(straight_opt[key][field]), torch.as_tensor(resumed_opt[key][field]))
+
+
+def test_context_distillation_teacher_sees_the_privileged_prompt_and_the_same_completion(
+    tmp_path, tokenizer, train_set, monkeypatch
+):
+    trainer = SparseOPDTrainer(
+        model=tiny_llama(tokenizer), args=make_args(tmp_path), train_dataset=train_set, processing_class=tokenizer
+    )
+    assert isinstance(trainer.teacher_model, BaseWeightsTeacher)
+    calls = []
+    parent = DistillationTrainer._get_last_hidden_state
+
+    def spy(self, model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        layers = sparse_delta_layers(model)
+        out = parent(self, model, input_ids, attention_mask, logits_to_keep, **kwargs)
+        calls.append(dict(ids=input_ids, mask=attention_mask, k=logits_to_keep, out=out.detach(),
+                          adapter_off=all(m.disable_adapters for m in layers.values())))
+        return out
+
+    monkeypatch.setattr(DistillationTrainer, "_get_last_hidden_state", spy)
+    rows = [train_set[i] for i in range(4)]
+    batch = fixed_batch(trainer, train_set, n=4)
+    divergence(trainer, batch)
+    student, teacher = calls
+    assert not student["adapter_off"] and teacher["adapter_off"]
+    assert student["k"] == teacher["k"] == batch["completion_ids"].shape[1]
+    completion = batch["completion_ids"]
+    k = completion.shape[1]
+    assert torch.equal(student["ids"][:, -k:], completion) and torch.equal(teacher["ids"][:, -k:], completion)
+    for row, (s_ids, t_ids, s_mask, t_mask) in enumerate(zip(student["ids"], teacher["ids"], student["mask"], teacher["mask"])):
+        s_text = tokenizer.decode(s_ids[:-k][s_mask[:-k].bool()])
+        t_text = tokenizer.decode(t_ids[:-k][t_mask[:-k].bool()])
+        assert "Reference" not in s_text and "Reference" in t_text
+        question = rows[row]["prompt"][-1]["content"].split("\n")[0]
+        assert tokenizer.decode(tokenizer(question)["input_ids"]) in t_text
+    # the teacher's hidden states are those of the base model reading (teacher prompt + completion) without padding
+    row = 0
+    t_ids = teacher["ids"][row][teacher["mask"][row].bool()]
+    n_completion = int(batch["completion_mask"][row].sum())
+    with torch.no_grad(), trainer.model.disable_adapter():
+        hidden = trainer.model.base_model.model.model(input_ids=t_ids[None]).last_hidden_state[0]
+    expected = hidden[-n_completion - 1 : -1]
+    torch.testing.assert_close(teacher["out"][row, :n_completion], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_prompt_template_builds_the_privileged_prompt(tmp_path, tokenizer):
+    dataset = arithmetic_dataset("train", 8, 1).remove_columns("teacher_prompt")
+    args = make_args(tmp_path, teacher_prompt_template="Reference solution:\n{solution}\n\n{prompt}")
+    trainer = SparseOPDTrainer(
+        model=tiny_llama(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    batch = fixed_batch(trainer, dataset, n=4)
+    text = tokenizer.decode(batch["teacher_prompt_ids"][0])
+    assert "Reference solution" in text and "Answer" in text
+
+
+@pytest.mark.parametrize("strategy", ["file", "near_zero", "random"])
+def test_mask_strategies_build_the_adapter(tmp_path, tokenizer, train_set, strategy):
+    student = tiny_llama(tokenizer)
+    extra = {}
+    if strategy == "file":
+        mask = sparse_opd.masks.random_mask(student, density=0.05, seed=3)
+        mask.save(tmp_path / "mask.safetensors")
+        extra["mask_path"] = str(tmp_path / "mask.safetensors")
+    trainer = SparseOPDTrainer(
+        model=student, teacher_model=peaked_teacher(tokenizer),
+        args=make_args(tmp_path, mask_strategy=strategy, mask_density=0.05, **extra), train_dataset=train_set,
+        processing_class=tokenizer,
+    )
+    layers = sparse_delta_layers(trainer.model, "default")
+    total = sum(m.sparse_delta_values["default"].numel() for m in layers.values())
+    numel = sum(m.weight_numel for m in layers.values())
+    assert math.isclose(total / numel, 0.05, rel_tol=0.05)
+    ffn = sum(m.sparse_delta_values["default"].numel() for n, m in layers.items() if "mlp" in n)
+    assert ffn / total > 0.5, "the budget is FFN-heavy by default"
+    if strategy == "file":
+        for name, layer in layers.items():
+            assert torch.equal(layer.sparse_delta_indices["default"].cpu(), mask.indices[name.removeprefix("base_model.model.")])
+
+
+def test_accepts_a_sparse_delta_peft_model_and_a_peft_config(tmp_path, tokenizer, train_set):
+    config = SparseDeltaConfig(mask_init="random", density=0.1)
+    peft_model = get_peft_model(tiny_llama(tokenizer), config)
+    args = make_args(tmp_path, mask_strategy=None)
+    trainer = SparseOPDTrainer(model=peft_model, args=args, train_dataset=train_set, processing_class=tokenizer)
+    assert trainer.model is peft_model
+    trainer = SparseOPDTrainer(
+        model=tiny_llama(tokenizer), args=args, train_dataset=train_set, processing_class=tokenizer,
+        peft_config=SparseDeltaConfig(mask_init="magnitude", density=0.1),
+    )
+    assert sparse_delta_layers(trainer.model, "default")
+
+
+def test_setup_errors_name_the_problem_and_the_fix(tmp_path, tokenizer, train_set):
+    no_context = train_set.remove_columns("teacher_prompt")
+    with pytest.raises(ValueError, match="no teacher"):
+        SparseOPDTrainer(model=tiny_llama(tokenizer), args=make_args(tmp_path), train_dataset=no_context,
+                         processing_class=tokenizer)
+    with pytest.raises(ValueError, match="mask_strategy"):
+        SparseOPDTrainer(model=tiny_llama(tokenizer), args=make_args(tmp_path, mask_strategy=None),
+                         train_dataset=train_set, processing_class=tokenizer)
+    from peft import LoraConfig
+
+    with pytest.raises(TypeError, match="SparseDeltaConfig"):
+        SparseOPDTrainer(model=tiny_llama(tokenizer), args=make_args(tmp_path, mask_strategy=None),
+                         train_dataset=train_set, processing_class=tokenizer, peft_config=LoraConfig())
+    with pytest.raises(ValueError, match="mask_path"):
+        make_args(tmp_path, mask_strategy="file")
+    with pytest.raises(ValueError, match="mask_strategy must be"):
+        make_args(tmp_path, mask_strategy="magic")
+    with pytest.raises(ValueError, match=r"\{prompt\}"):
+        make_args(tmp_path, teacher_prompt_template="Solution: {solution}")
+    with pytest.raises(ValueError, match="lacks"):
+        SparseOPDTrainer(model=tiny_llama(tokenizer), args=make_args(tmp_path, teacher_prompt_template="{hint} {prompt}"),
+                         train_dataset=no_context, processing_class=tokenizer)
+
+
+def test_telemetry_counts_moved_and_bf16_visible_values(tokenizer):
+    model = get_peft_model(tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", density=0.1))
+    layers = sparse_delta_layers(model, "default")
+    name, layer = next(iter(layers.items()))
+    values = layer.sparse_delta_values["default"]
+    base = layer.get_base_layer().weight.reshape(-1)[layer.sparse_delta_indices["default"]]
+    with torch.no_grad():
+        values[0] = 1e-9  # moved, invisible in bf16 and below tau
+        values[1] = base[1].abs() + 1.0  # clearly visible
+    stats = sparse_delta_stats(model, "default")
+    total = sum(m.sparse_delta_values["default"].numel() for m in layers.values())
+    assert stats["moved_frac"] == pytest.approx(2 / total)
+    assert stats["moved_frac_tau"] == pytest.approx(1 / total)
+    assert stats["bf16_visible_frac"] == pytest.approx(1 / total)
+    block = "attention" if "self_attn" in name else "ffn"
+    assert stats[f"delta_norm_{block}"] == pytest.approx(math.hypot(1e-9, float(values[1])))
+
+
+def test_composed_merged_weight_rounds_once_and_leaves_the_base_untouched(tokenizer):
+    model = tiny_llama(tokenizer).to(torch.bfloat16)
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="random", density=0.3))
+    layer = next(iter(sparse_delta_layers(peft_model, "default").values()))
+    with torch.no_grad():
+        layer.sparse_delta_values["default"].normal_(0, 1e-3)
+    weight = layer.get_base_layer().weight
+    original = weight.clone()
+    merged = compose_merged_weight(layer)
+    assert torch.equal(weight, original)
+    idx = layer.sparse_delta_indices["default"]
+    expected = original.reshape(-1).clone()
+    expected[idx] = (original.reshape(-1)[idx].float() + layer.sparse_delta_values["default"].float()).to(torch.bfloat16)
+    assert torch.equal(merged.reshape(-1), expected)
+    assert merged.dtype == torch.bfloat16
