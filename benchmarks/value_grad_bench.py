@@ -14,7 +14,7 @@ import torch
 
 from sparse_opd.tuner.functional import gathered_weight_grad_dense, gathered_weight_grad_sampled
 
-DENSITIES = (0.0001, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.05, 0.2)
+DENSITIES = (0.0001, 0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3)
 
 
 def best_of(fn, repeats=5):

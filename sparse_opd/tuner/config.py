@@ -82,7 +82,7 @@ class SparseDeltaConfig(PeftConfig):
         default="auto", metadata={"help": "Value-gradient method: 'auto', 'dense' (blockwise) or 'sampled'."}
     )
     sampled_grad_max_density: float = field(
-        default=0.003, metadata={"help": "With value_grad='auto', use the sampled gradient below this density."}
+        default=0.15, metadata={"help": "With value_grad='auto', use the sampled gradient below this density."}
     )
     grad_block_elements: int = field(
         default=1 << 24, metadata={"help": "Largest dense gradient block (entries) formed at once in backward."}

@@ -10,9 +10,9 @@ Backward needs ``dL/dv = G[idx]`` with the stored-layout weight gradient ``G = A
 
 - ``dense``: in row blocks of at most ``block_elements`` entries, gathering each block at the indices it holds
   (indices are sorted, so a block's indices are a contiguous slice); transient memory is one block; or
-- ``sampled``: only the k dot products ``sum_t A[t, r_i] * B[t, c_i]``, chunked to the same bound. It does
-  ``T * k`` multiply-adds instead of ``T * rows * cols``, and wins when the density is low enough to pay for its
-  gathers.
+- ``sampled``: only the k dot products ``sum_t A[t, r_i] * B[t, c_i]``, as a sampled dense-dense matmul on the
+  CSR pattern of the indices (``torch.sparse.sampled_addmm``). It does ``T * k`` multiply-adds instead of
+  ``T * rows * cols`` and wins below a density that `benchmarks/value_grad_bench.py` measures.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class DeltaSpec:
     shape: tuple[int, int]
     transposed: bool  # True for Conv1D: stored (in, out), y = x @ W
     value_grad: str = "auto"  # "auto" | "dense" | "sampled"
-    sampled_max_density: float = 0.003
+    sampled_max_density: float = 0.15
     block_elements: int = 1 << 24
 
 
@@ -79,16 +79,17 @@ def gathered_weight_grad_dense(a: torch.Tensor, b: torch.Tensor, indices: torch.
 
 
 def gathered_weight_grad_sampled(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, shape, block_elements: int):
-    """Same result as the dense path from the k needed dot products only, in chunks of ``block_elements``."""
-    cols = shape[1]
-    tokens = a.shape[0]
-    chunk = max(1, block_elements // max(1, tokens))
-    out = torch.empty(indices.numel(), dtype=torch.promote_types(a.dtype, torch.float32), device=a.device)
-    for lo in range(0, indices.numel(), chunk):
-        idx = indices[lo : lo + chunk]
-        r, c = idx // cols, idx % cols
-        out[lo : lo + chunk] = (a[:, r] * b[:, c]).sum(0, dtype=out.dtype)
-    return out
+    """Same result as the dense path from the k needed dot products only: a sampled dense-dense matmul (SDDMM,
+    ``torch.sparse.sampled_addmm``) on the CSR pattern of the sorted indices."""
+    rows, cols = shape
+    compute = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+    crow = torch.searchsorted(indices, torch.arange(rows + 1, device=indices.device) * cols)
+    pattern = torch.sparse_csr_tensor(
+        crow, indices % cols, torch.zeros(indices.numel(), dtype=compute, device=a.device), (rows, cols),
+        check_invariants=False,
+    )
+    out = torch.sparse.sampled_addmm(pattern, a.T.to(compute), b.to(compute), beta=0.0)
+    return out.values()
 
 
 class SparseDeltaFunction(torch.autograd.Function):

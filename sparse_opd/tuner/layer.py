@@ -135,12 +135,7 @@ class SparseDeltaLayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Dense delta of one adapter in the stored weight layout (a new tensor; use transiently)."""
-        return scatter_delta(
-            self.sparse_delta_values[adapter], self.sparse_delta_indices[adapter], self.weight_shape
-        ).view(self._stored_shape())
-
-    def _stored_shape(self) -> tuple[int, int]:
-        return self.weight_shape
+        return scatter_delta(self.sparse_delta_values[adapter], self.sparse_delta_indices[adapter], self.weight_shape)
 
     def _active(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.sparse_delta_values]
