@@ -23,7 +23,7 @@ from peft import PeftConfig
 from trl import DistillationTrainer
 from trl.trainer.utils import create_model_from_path, pad
 
-from ..masks import SparseMask
+from ..masks import SparseMask, near_zero_mask, random_mask
 from ..tuner import SparseDeltaConfig, SparseDeltaLayer
 from ..tuner.model_card import add_loading_section
 from .config import SparseOPDConfig, template_fields
@@ -183,7 +183,7 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
                     "SparseDeltaConfig as peft_config, or set args.mask_strategy ('file', 'diff', 'probe', "
                     "'near_zero' or 'random')"
                 )
-            if args.mask_strategy == "probe" and isinstance(model, str):
+            if args.mask_strategy in ("probe", "near_zero", "random") and isinstance(model, str):
                 model = self._load_student(model, args, quantization_config)
             peft_config = self._peft_config_from_strategy(
                 model, teacher_model, args, train_dataset, processing_class
@@ -255,15 +255,14 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
         if strategy == "file":
             return SparseDeltaConfig(mask=SparseMask.load(args.mask_path))
         if strategy == "near_zero":
-            return SparseDeltaConfig(
-                mask_init="magnitude", density=args.mask_density, block_weights=args.mask_block_weights,
-                target_modules=target,
-            )
+            return SparseDeltaConfig(mask=near_zero_mask(
+                model, density=args.mask_density, block_weights=args.mask_block_weights, target_modules=target
+            ))
         if strategy == "random":
-            return SparseDeltaConfig(
-                mask_init="random", density=args.mask_density, block_weights=args.mask_block_weights,
-                mask_seed=args.mask_seed, target_modules=target,
-            )
+            return SparseDeltaConfig(mask=random_mask(
+                model, density=args.mask_density, block_weights=args.mask_block_weights, target_modules=target,
+                seed=args.mask_seed,
+            ))
         if strategy == "diff":
             if not hasattr(SparseMask, "from_diff"):
                 raise NotImplementedError(
