@@ -17,6 +17,7 @@ Backward needs ``dL/dv = G[idx]`` with the stored-layout weight gradient ``G = A
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -84,10 +85,12 @@ def gathered_weight_grad_sampled(a: torch.Tensor, b: torch.Tensor, indices: torc
     rows, cols = shape
     compute = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
     crow = torch.searchsorted(indices, torch.arange(rows + 1, device=indices.device) * cols)
-    pattern = torch.sparse_csr_tensor(
-        crow, indices % cols, torch.zeros(indices.numel(), dtype=compute, device=a.device), (rows, cols),
-        check_invariants=False,
-    )
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every first use
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            crow, indices % cols, torch.zeros(indices.numel(), dtype=compute, device=a.device), (rows, cols),
+            check_invariants=False,
+        )
     out = torch.sparse.sampled_addmm(pattern, a.T.to(compute), b.to(compute), beta=0.0)
     return out.values()
 
