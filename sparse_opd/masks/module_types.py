@@ -21,22 +21,22 @@ _RULES = (
 _LAYER_RE = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
 
+def _classify(name: str) -> tuple[str, str]:
+    name = name.removesuffix(".weight")
+    for pattern, kind, block in _RULES:
+        if re.search(pattern, name):
+            return kind, block
+    return "other", "other"
+
+
 def module_type(name: str) -> str:
     """Short type of a weight (``"q"``, ``"up"``, ...), or ``"other"``."""
-    name = name.removesuffix(".weight")
-    for pattern, kind, _ in _RULES:
-        if re.search(pattern, name):
-            return kind
-    return "other"
+    return _classify(name)[0]
 
 
 def block_of(name: str) -> str:
     """``"attention"``, ``"ffn"`` or ``"other"``."""
-    name = name.removesuffix(".weight")
-    for pattern, _, block in _RULES:
-        if re.search(pattern, name):
-            return block
-    return "other"
+    return _classify(name)[1]
 
 
 def layer_index(name: str) -> int | None:
