@@ -230,3 +230,16 @@ def test_add_weighted_adapter_sums_deltas_on_the_union_of_coordinates(tokens):
         torch.testing.assert_close(layer.get_delta_weight("mix"), expected)
         union = torch.unique(torch.cat([layer.sparse_delta_indices["default"], layer.sparse_delta_indices["b"]]))
         assert torch.equal(layer.sparse_delta_indices["mix"], union)
+
+
+def test_mask_given_as_a_file_path_and_as_boolean_tensors(tokens, tmp_path):
+    model = make_model("llama")
+    mask = _mask(model, density=0.05)
+    mask.save(tmp_path / "mask.safetensors")
+    from_file = get_peft_model(make_model("llama"), SparseDeltaConfig(mask=str(tmp_path / "mask.safetensors")))
+    from_bool = get_peft_model(make_model("llama"), SparseDeltaConfig(mask={n: mask.to_bool(n) for n in mask}))
+    for peft_model in (from_file, from_bool):
+        layers = _delta_layers(peft_model)
+        assert {n.removeprefix("base_model.model.") for n in layers} == set(mask.modules())
+        for name, layer in layers.items():
+            assert torch.equal(layer.sparse_delta_indices["default"], mask[name])
