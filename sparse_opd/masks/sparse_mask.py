@@ -66,7 +66,7 @@ class SparseMask:
                     raise ValueError(
                         f"{key}: boolean mask has shape {tuple(value.shape)} but the weight has shape {tuple(shapes[key])}"
                     )
-                indices[key] = torch.flatnonzero(value.reshape(-1))
+                indices[key] = torch.nonzero(value.reshape(-1)).reshape(-1)
                 out_shapes[key] = tuple(value.shape)
             else:
                 if shapes is None or key not in shapes:
