@@ -312,3 +312,21 @@ def test_composed_merged_weight_rounds_once_and_leaves_the_base_untouched(tokeni
     expected[idx] = (original.reshape(-1)[idx].float() + layer.sparse_delta_values["default"].float()).to(torch.bfloat16)
     assert torch.equal(merged.reshape(-1), expected)
     assert merged.dtype == torch.bfloat16
+
+
+def test_merged_generation_matches_unmerged_and_restores_the_base(tokenizer):
+    from sparse_opd.trainer.generation import merged_sparse_delta
+
+    model = get_peft_model(tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", density=0.2, init_weights=False))
+    model.eval()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([tokenizer("Ava has 3 apples .")["input_ids"]])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    unmerged = model.generate(input_ids=ids, **kwargs)
+    with merged_sparse_delta(model):
+        assert all(m.merged for m in sparse_delta_layers(model).values())
+        merged = model.generate(input_ids=ids, **kwargs)
+    assert torch.equal(merged, unmerged)
+    assert not any(m.merged for m in sparse_delta_layers(model).values())
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), f"{name} was not restored bit for bit"

@@ -28,6 +28,7 @@ from ..tuner import SparseDeltaConfig, SparseDeltaLayer
 from ..tuner.model_card import add_loading_section
 from .config import SparseOPDConfig, template_fields
 from .telemetry import UpdateNormCallback, sparse_delta_stats
+from .generation import merged_sparse_delta
 from .teachers import BaseWeightsTeacher, build_teacher_prompt
 from .vllm_sync import install_vllm_sync
 
@@ -312,6 +313,14 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
         with torch.no_grad():
             model.load_state_dict(saved)
         return probe.to_mask(density=args.mask_density, block_weights=args.mask_block_weights)
+
+    # generation -----------------------------------------------------------------------------------------------------
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        # Merged, the student generates at the base model's speed; unmerge restores the base weights bit for bit.
+        if self.use_vllm or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        with merged_sparse_delta(self.model):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
 
     # logging --------------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
