@@ -330,3 +330,16 @@ def test_merged_generation_matches_unmerged_and_restores_the_base(tokenizer):
     assert not any(m.merged for m in sparse_delta_layers(model).values())
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), f"{name} was not restored bit for bit"
+
+
+def test_gradient_accumulation_and_evaluation_with_context_distillation(tmp_path, tokenizer, train_set):
+    args = make_args(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2,
+                     eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
+    trainer = SparseOPDTrainer(model=student_model(tokenizer), args=args, train_dataset=train_set,
+                               eval_dataset=arithmetic_dataset("validation", 4, 1), processing_class=tokenizer)
+    trainer.train()
+    history = trainer.state.log_history
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert len(evals) == 2 and all(math.isfinite(v) for v in evals)
+    assert trainer.state.global_step == 2
+    assert [h["sparse/update_norm"] > 0 for h in history if "loss" in h] == [True, True]
