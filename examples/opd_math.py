@@ -192,7 +192,9 @@ def report(model, config, args, before, teacher_score, after, started):
     print(f"trained coordinates: {coordinates:,} = {100 * coordinates / adapted:.2f}% of the {len(layers)} adapted "
           f"weight matrices ({100 * coordinates / base_params:.2f}% of all {base_params:,} base parameters), "
           f"mask: {config.mask_strategy}")
-    print(f"adapter: {adapter_file} ({os.path.getsize(adapter_file) / 2**20:.2f} MiB)")
+    size = os.path.getsize(adapter_file)
+    print(f"adapter: {adapter_file} ({size / 2**20:.2f} MiB)" if size >= 2**20 else f"adapter: {adapter_file} "
+          f"({size / 2**10:.1f} KiB)")
     print("learned delta: " + summarize_delta(model, stats))
     if config.push_to_hub:
         print(f"pushed to the Hub: {config.hub_model_id or os.path.basename(config.output_dir)}")

@@ -77,3 +77,13 @@ def test_example_trains_on_a_local_question_answer_dataset(example, tiny_model_d
     out = _run(example, ["--preset", "smoke", "--model", tiny_model_dir, "--output_dir", str(tmp_path / "run"),
                          "--dataset", str(data), "--num_eval", "4"], capsys)
     assert "held-out problems" in out and "student after:" in out
+
+
+def test_example_with_a_separate_teacher_model(example, tiny_model_dir, tmp_path, capsys):
+    teacher_dir = tmp_path / "teacher"
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer, seed=1).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    out = _run(example, ["--preset", "smoke", "--model", tiny_model_dir, "--teacher", str(teacher_dir),
+                         "--output_dir", str(tmp_path / "run"), "--mask_strategy", "random"], capsys)
+    assert f"teacher: {teacher_dir}" in out and "mask: random" in out
