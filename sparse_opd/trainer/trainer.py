@@ -162,7 +162,7 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
             )
         if teacher_model is None and args.teacher_model_name_or_path is not None:
             teacher_model = args.teacher_model_name_or_path
-        self._check_teacher_context(args, teacher_model, train_dataset)
+        self._check_teacher_context(args, teacher_model, train_dataset if train_dataset is not None else eval_dataset)
 
         already_sparse = is_sparse_delta_model(model)
         if already_sparse and (peft_config is not None or args.mask_strategy is not None):
@@ -217,19 +217,21 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
 
     # setup ----------------------------------------------------------------------------------------------------------
     @staticmethod
-    def _check_teacher_context(args, teacher_model, train_dataset) -> None:
+    def _check_teacher_context(args, teacher_model, dataset) -> None:
+        if isinstance(dataset, dict):  # several eval sets: check the first
+            dataset = next(iter(dataset.values()), None)
         has_context = args.teacher_prompt_template is not None
-        columns = getattr(train_dataset, "column_names", None)
+        columns = getattr(dataset, "column_names", None)
         if columns is not None:
             has_context = has_context or (args.teacher_prompt_column is not None and args.teacher_prompt_column in columns)
             if args.teacher_prompt_template is not None:
                 missing = template_fields(args.teacher_prompt_template) - {"prompt"} - set(columns)
                 if missing:
                     raise ValueError(
-                        f"teacher_prompt_template uses {sorted(missing)}, which the train dataset lacks (columns: "
+                        f"teacher_prompt_template uses {sorted(missing)}, which the dataset lacks (columns: "
                         f"{columns}); add the column(s) or change the template"
                     )
-        elif train_dataset is not None:  # iterable dataset without known columns: trust the first row at run time
+        elif dataset is not None:  # iterable dataset without known columns: trust the first row at run time
             has_context = has_context or args.teacher_prompt_column is not None
         if teacher_model is None and not has_context:
             raise ValueError(
