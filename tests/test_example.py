@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_trainer_support import tiny_llama, tiny_tokenizer
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "opd_math.py"
@@ -59,10 +58,30 @@ def _run(example, argv, capsys):
 
 
 def test_example_runs_and_reports_on_a_tiny_model(example, tiny_model_dir, tmp_path, capsys):
-    out = _run(example, ["--preset", "smoke", "--model", tiny_model_dir, "--output_dir", str(tmp_path / "run"),
-                         "--mask_density", "0.1", "--num_train", "16"], capsys)
-    for line in ("student before:", "teacher:", "student after:", "trained coordinates:", "adapter:",
-                 "learned delta:"):
+    out = _run(
+        example,
+        [
+            "--preset",
+            "smoke",
+            "--model",
+            tiny_model_dir,
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--mask_density",
+            "0.1",
+            "--num_train",
+            "16",
+        ],
+        capsys,
+    )
+    for line in (
+        "student before:",
+        "teacher:",
+        "student after:",
+        "trained coordinates:",
+        "adapter:",
+        "learned delta:",
+    ):
         assert line in out, line
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
     assert f"adapter: {tmp_path / 'run' / 'adapter_model.safetensors'}" in out
@@ -70,12 +89,29 @@ def test_example_runs_and_reports_on_a_tiny_model(example, tiny_model_dir, tmp_p
 
 
 def test_example_trains_on_a_local_question_answer_dataset(example, tiny_model_dir, tmp_path, capsys):
-    rows = [{"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
-            for a in range(1, 5) for b in range(1, 4)]
+    rows = [
+        {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+        for a in range(1, 5)
+        for b in range(1, 4)
+    ]
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    out = _run(example, ["--preset", "smoke", "--model", tiny_model_dir, "--output_dir", str(tmp_path / "run"),
-                         "--dataset", str(data), "--num_eval", "4"], capsys)
+    out = _run(
+        example,
+        [
+            "--preset",
+            "smoke",
+            "--model",
+            tiny_model_dir,
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--dataset",
+            str(data),
+            "--num_eval",
+            "4",
+        ],
+        capsys,
+    )
     assert "held-out problems" in out and "student after:" in out
 
 
@@ -84,6 +120,20 @@ def test_example_with_a_separate_teacher_model(example, tiny_model_dir, tmp_path
     tokenizer = tiny_tokenizer()
     tiny_llama(tokenizer, seed=1).save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
-    out = _run(example, ["--preset", "smoke", "--model", tiny_model_dir, "--teacher", str(teacher_dir),
-                         "--output_dir", str(tmp_path / "run"), "--mask_strategy", "random"], capsys)
+    out = _run(
+        example,
+        [
+            "--preset",
+            "smoke",
+            "--model",
+            tiny_model_dir,
+            "--teacher",
+            str(teacher_dir),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--mask_strategy",
+            "random",
+        ],
+        capsys,
+    )
     assert f"teacher: {teacher_dir}" in out and "mask: random" in out

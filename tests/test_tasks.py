@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import pytest
 from datasets import load_dataset
+from test_trainer_support import tiny_llama, tiny_tokenizer
 
 from sparse_opd.tasks import (
     LEVELS,
@@ -21,7 +22,6 @@ from sparse_opd.tasks import (
     prepare_qa_dataset,
     reference_value,
 )
-from test_trainer_support import tiny_llama, tiny_tokenizer
 
 
 @pytest.mark.parametrize("level", sorted(LEVELS))

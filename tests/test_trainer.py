@@ -7,34 +7,40 @@ import math
 import pytest
 import torch
 from peft import get_peft_model
+from test_trainer_support import tiny_llama, tiny_tokenizer
 from trl import DistillationTrainer
 
 import sparse_opd
-from sparse_opd import SparseDeltaConfig, SparseMask
+from sparse_opd import SparseDeltaConfig
 from sparse_opd.tasks import arithmetic_dataset
-from sparse_opd.trainer import BaseWeightsTeacher, SparseOPDConfig, SparseOPDTrainer, sparse_delta_layers, sparse_delta_stats
+from sparse_opd.trainer import (
+    BaseWeightsTeacher,
+    SparseOPDConfig,
+    SparseOPDTrainer,
+    sparse_delta_layers,
+    sparse_delta_stats,
+)
 from sparse_opd.trainer.vllm_sync import compose_merged_weight, iter_merged_named_weights
-from test_trainer_support import tiny_llama, tiny_tokenizer
 
 
 def make_args(tmp_path, **overrides):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        mask_strategy="near_zero",
-        mask_density=0.2,
-        per_device_train_batch_size=4,
-        max_steps=4,
-        logging_steps=1,
-        max_completion_length=8,
-        learning_rate=2e-2,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    defaults = {
+        "output_dir": str(tmp_path / "out"),
+        "mask_strategy": "near_zero",
+        "mask_density": 0.2,
+        "per_device_train_batch_size": 4,
+        "max_steps": 4,
+        "logging_steps": 1,
+        "max_completion_length": 8,
+        "learning_rate": 2e-2,
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
     defaults.update(overrides)
     return SparseOPDConfig(**defaults)
 
@@ -91,8 +97,10 @@ def divergence(trainer, batch):
 
 def test_a_few_opd_steps_lower_the_divergence(tmp_path, tokenizer, train_set):
     trainer = SparseOPDTrainer(
-        model=student_model(tokenizer), teacher_model=peaked_teacher(tokenizer),
-        args=make_args(tmp_path, max_steps=8, teacher_prompt_column=None), train_dataset=train_set,
+        model=student_model(tokenizer),
+        teacher_model=peaked_teacher(tokenizer),
+        args=make_args(tmp_path, max_steps=8, teacher_prompt_column=None),
+        train_dataset=train_set,
         processing_class=tokenizer,
     )
     batch = fixed_batch(trainer, train_set)
@@ -101,8 +109,13 @@ def test_a_few_opd_steps_lower_the_divergence(tmp_path, tokenizer, train_set):
     after = divergence(trainer, batch)
     assert after < 0.9 * before, (before, after)
     logged = [h for h in trainer.state.log_history if "loss" in h]
-    for key in ("sparse/moved_frac", "sparse/bf16_visible_frac", "sparse/delta_norm_ffn", "sparse/delta_norm_attention",
-                "sparse/update_norm"):
+    for key in (
+        "sparse/moved_frac",
+        "sparse/bf16_visible_frac",
+        "sparse/delta_norm_ffn",
+        "sparse/delta_norm_attention",
+        "sparse/update_norm",
+    ):
         assert key in logged[-1], key
     assert logged[-1]["sparse/moved_frac"] > 0.5 and logged[-1]["sparse/update_norm"] > 0
 
@@ -111,8 +124,11 @@ def test_only_masked_coordinates_move(tmp_path, tokenizer, train_set):
     student = student_model(tokenizer)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer = SparseOPDTrainer(
-        model=student, teacher_model=peaked_teacher(tokenizer), args=make_args(tmp_path, max_steps=3),
-        train_dataset=train_set, processing_class=tokenizer,
+        model=student,
+        teacher_model=peaked_teacher(tokenizer),
+        args=make_args(tmp_path, max_steps=3),
+        train_dataset=train_set,
+        processing_class=tokenizer,
     )
     trainer.train()
     model = trainer.model
@@ -147,7 +163,10 @@ def test_resume_from_checkpoint_continues_bit_identically(tmp_path, tokenizer, t
     def run(out, resume=None):
         args = make_args(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2)
         trainer = SparseOPDTrainer(
-            model=student_model(tokenizer), teacher_model=peaked_teacher(tokenizer), args=args, train_dataset=train_set,
+            model=student_model(tokenizer),
+            teacher_model=peaked_teacher(tokenizer),
+            args=args,
+            train_dataset=train_set,
             processing_class=tokenizer,
         )
         trainer.train(resume_from_checkpoint=resume)
@@ -177,8 +196,15 @@ def test_context_distillation_teacher_sees_the_privileged_prompt_and_the_same_co
     def spy(self, model, input_ids, attention_mask, logits_to_keep, **kwargs):
         layers = sparse_delta_layers(model)
         out = parent(self, model, input_ids, attention_mask, logits_to_keep, **kwargs)
-        calls.append(dict(ids=input_ids, mask=attention_mask, k=logits_to_keep, out=out.detach(),
-                          adapter_off=all(m.disable_adapters for m in layers.values())))
+        calls.append(
+            {
+                "ids": input_ids,
+                "mask": attention_mask,
+                "k": logits_to_keep,
+                "out": out.detach(),
+                "adapter_off": all(m.disable_adapters for m in layers.values()),
+            }
+        )
         return out
 
     monkeypatch.setattr(DistillationTrainer, "_get_last_hidden_state", spy)
@@ -191,7 +217,9 @@ def test_context_distillation_teacher_sees_the_privileged_prompt_and_the_same_co
     completion = batch["completion_ids"]
     k = completion.shape[1]
     assert torch.equal(student["ids"][:, -k:], completion) and torch.equal(teacher["ids"][:, -k:], completion)
-    for row, (s_ids, t_ids, s_mask, t_mask) in enumerate(zip(student["ids"], teacher["ids"], student["mask"], teacher["mask"])):
+    for row, (s_ids, t_ids, s_mask, t_mask) in enumerate(
+        zip(student["ids"], teacher["ids"], student["mask"], teacher["mask"])
+    ):
         s_text = tokenizer.decode(s_ids[:-k][s_mask[:-k].bool()])
         t_text = tokenizer.decode(t_ids[:-k][t_mask[:-k].bool()])
         assert "Reference" not in s_text and "Reference" in t_text
@@ -227,8 +255,10 @@ def test_mask_strategies_build_the_adapter(tmp_path, tokenizer, train_set, strat
         mask.save(tmp_path / "mask.safetensors")
         extra["mask_path"] = str(tmp_path / "mask.safetensors")
     trainer = SparseOPDTrainer(
-        model=student, teacher_model=peaked_teacher(tokenizer),
-        args=make_args(tmp_path, mask_strategy=strategy, mask_density=0.05, **extra), train_dataset=train_set,
+        model=student,
+        teacher_model=peaked_teacher(tokenizer),
+        args=make_args(tmp_path, mask_strategy=strategy, mask_density=0.05, **extra),
+        train_dataset=train_set,
         processing_class=tokenizer,
     )
     layers = sparse_delta_layers(trainer.model, "default")
@@ -239,7 +269,9 @@ def test_mask_strategies_build_the_adapter(tmp_path, tokenizer, train_set, strat
     assert ffn / total > 0.5, "the budget is FFN-heavy by default"
     if strategy == "file":
         for name, layer in layers.items():
-            assert torch.equal(layer.sparse_delta_indices["default"].cpu(), mask.indices[name.removeprefix("base_model.model.")])
+            assert torch.equal(
+                layer.sparse_delta_indices["default"].cpu(), mask.indices[name.removeprefix("base_model.model.")]
+            )
 
 
 def test_accepts_a_sparse_delta_peft_model_and_a_peft_config(tmp_path, tokenizer, train_set):
@@ -249,7 +281,10 @@ def test_accepts_a_sparse_delta_peft_model_and_a_peft_config(tmp_path, tokenizer
     trainer = SparseOPDTrainer(model=peft_model, args=args, train_dataset=train_set, processing_class=tokenizer)
     assert trainer.model is peft_model
     trainer = SparseOPDTrainer(
-        model=tiny_llama(tokenizer), args=args, train_dataset=train_set, processing_class=tokenizer,
+        model=tiny_llama(tokenizer),
+        args=args,
+        train_dataset=train_set,
+        processing_class=tokenizer,
         peft_config=SparseDeltaConfig(mask_init="magnitude", density=0.1),
     )
     assert sparse_delta_layers(trainer.model, "default")
@@ -258,16 +293,26 @@ def test_accepts_a_sparse_delta_peft_model_and_a_peft_config(tmp_path, tokenizer
 def test_setup_errors_name_the_problem_and_the_fix(tmp_path, tokenizer, train_set):
     no_context = train_set.remove_columns("teacher_prompt")
     with pytest.raises(ValueError, match="no teacher"):
-        SparseOPDTrainer(model=tiny_llama(tokenizer), args=make_args(tmp_path), train_dataset=no_context,
-                         processing_class=tokenizer)
+        SparseOPDTrainer(
+            model=tiny_llama(tokenizer), args=make_args(tmp_path), train_dataset=no_context, processing_class=tokenizer
+        )
     with pytest.raises(ValueError, match="mask_strategy"):
-        SparseOPDTrainer(model=tiny_llama(tokenizer), args=make_args(tmp_path, mask_strategy=None),
-                         train_dataset=train_set, processing_class=tokenizer)
+        SparseOPDTrainer(
+            model=tiny_llama(tokenizer),
+            args=make_args(tmp_path, mask_strategy=None),
+            train_dataset=train_set,
+            processing_class=tokenizer,
+        )
     from peft import LoraConfig
 
     with pytest.raises(TypeError, match="SparseDeltaConfig"):
-        SparseOPDTrainer(model=tiny_llama(tokenizer), args=make_args(tmp_path, mask_strategy=None),
-                         train_dataset=train_set, processing_class=tokenizer, peft_config=LoraConfig())
+        SparseOPDTrainer(
+            model=tiny_llama(tokenizer),
+            args=make_args(tmp_path, mask_strategy=None),
+            train_dataset=train_set,
+            processing_class=tokenizer,
+            peft_config=LoraConfig(),
+        )
     with pytest.raises(ValueError, match="mask_path"):
         make_args(tmp_path, mask_strategy="file")
     with pytest.raises(ValueError, match="mask_strategy must be"):
@@ -275,8 +320,12 @@ def test_setup_errors_name_the_problem_and_the_fix(tmp_path, tokenizer, train_se
     with pytest.raises(ValueError, match=r"\{prompt\}"):
         make_args(tmp_path, teacher_prompt_template="Solution: {solution}")
     with pytest.raises(ValueError, match="lacks"):
-        SparseOPDTrainer(model=tiny_llama(tokenizer), args=make_args(tmp_path, teacher_prompt_template="{hint} {prompt}"),
-                         train_dataset=no_context, processing_class=tokenizer)
+        SparseOPDTrainer(
+            model=tiny_llama(tokenizer),
+            args=make_args(tmp_path, teacher_prompt_template="{hint} {prompt}"),
+            train_dataset=no_context,
+            processing_class=tokenizer,
+        )
 
 
 def test_telemetry_counts_moved_and_bf16_visible_values(tokenizer):
@@ -309,7 +358,9 @@ def test_composed_merged_weight_rounds_once_and_leaves_the_base_untouched(tokeni
     assert torch.equal(weight, original)
     idx = layer.sparse_delta_indices["default"]
     expected = original.reshape(-1).clone()
-    expected[idx] = (original.reshape(-1)[idx].float() + layer.sparse_delta_values["default"].float()).to(torch.bfloat16)
+    expected[idx] = (original.reshape(-1)[idx].float() + layer.sparse_delta_values["default"].float()).to(
+        torch.bfloat16
+    )
     assert torch.equal(merged.reshape(-1), expected)
     assert merged.dtype == torch.bfloat16
 
@@ -317,11 +368,13 @@ def test_composed_merged_weight_rounds_once_and_leaves_the_base_untouched(tokeni
 def test_merged_generation_matches_unmerged_and_restores_the_base(tokenizer):
     from sparse_opd.trainer.generation import merged_sparse_delta
 
-    model = get_peft_model(tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", density=0.2, init_weights=False))
+    model = get_peft_model(
+        tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", density=0.2, init_weights=False)
+    )
     model.eval()
     before = {n: p.clone() for n, p in model.named_parameters()}
     ids = torch.tensor([tokenizer("Ava has 3 apples .")["input_ids"]])
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     unmerged = model.generate(input_ids=ids, **kwargs)
     with merged_sparse_delta(model):
         assert all(m.merged for m in sparse_delta_layers(model).values())
@@ -333,10 +386,22 @@ def test_merged_generation_matches_unmerged_and_restores_the_base(tokenizer):
 
 
 def test_gradient_accumulation_and_evaluation_with_context_distillation(tmp_path, tokenizer, train_set):
-    args = make_args(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2,
-                     eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
-    trainer = SparseOPDTrainer(model=student_model(tokenizer), args=args, train_dataset=train_set,
-                               eval_dataset=arithmetic_dataset("validation", 4, 1), processing_class=tokenizer)
+    args = make_args(
+        tmp_path,
+        max_steps=2,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=4,
+    )
+    trainer = SparseOPDTrainer(
+        model=student_model(tokenizer),
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=arithmetic_dataset("validation", 4, 1),
+        processing_class=tokenizer,
+    )
     trainer.train()
     history = trainer.state.log_history
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]

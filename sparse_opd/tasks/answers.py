@@ -32,8 +32,7 @@ class ExtractedAnswer:
 def parse_number(text: str) -> Fraction | None:
     """`"1,234"` -> 1234, `"$5"` -> 5, `"2.50"` -> 5/2; `None` if `text` is not a number."""
     cleaned = text.replace(",", "").replace("$", "").replace(" ", "").strip()
-    if cleaned.endswith("."):
-        cleaned = cleaned[:-1]
+    cleaned = cleaned.removesuffix(".")
     try:
         return Fraction(cleaned)
     except (ValueError, ZeroDivisionError):

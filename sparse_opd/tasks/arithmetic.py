@@ -36,8 +36,14 @@ _NAMES = ("Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Ivy", 
 _ITEMS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "stamps", "shells", "cards")
 _ADD = ("{who} buys {n} more {items}.", "{who} finds {n} more {items}.", "A friend gives {who} {n} {items}.")
 _SUB = ("{who} gives away {n} {items}.", "{who} loses {n} {items}.", "{who} uses {n} of the {items}.")
-_MUL = ("{who} ends up with {n} times as many {items} as before.", "The number of {items} {who} has is multiplied by {n}.")
-_DIV = ("{who} splits the {items} into {n} equal groups and keeps one group.", "{who} keeps only one {n}th of the {items}.")
+_MUL = (
+    "{who} ends up with {n} times as many {items} as before.",
+    "The number of {items} {who} has is multiplied by {n}.",
+)
+_DIV = (
+    "{who} splits the {items} into {n} equal groups and keeps one group.",
+    "{who} keeps only one {n}th of the {items}.",
+)
 
 
 @dataclass(frozen=True)

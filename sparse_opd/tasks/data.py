@@ -20,7 +20,6 @@ from datasets import Dataset
 from .answers import reference_value
 from .arithmetic import SPLIT_SEEDS, Problem, generate_problems, privileged_message, user_message
 
-
 TRAIN_POOL = 10_000
 
 

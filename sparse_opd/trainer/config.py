@@ -83,14 +83,13 @@ class SparseOPDConfig(DistillationConfig):
     )
     mask_path: str | None = field(default=None, metadata={"help": "Mask file for mask_strategy='file'."})
     mask_diff_base: str | None = field(default=None, metadata={"help": "Base checkpoint for mask_strategy='diff'."})
-    mask_diff_tuned: str | None = field(
-        default=None, metadata={"help": "Tuned checkpoint for mask_strategy='diff'."}
-    )
+    mask_diff_tuned: str | None = field(default=None, metadata={"help": "Tuned checkpoint for mask_strategy='diff'."})
     mask_diff_threshold: float = field(
         default=1e-5, metadata={"help": "|tuned - base| above which a coordinate counts as changed ('diff')."}
     )
     mask_density: float = field(
-        default=0.01, metadata={"help": "Fraction of targeted weight entries to train ('probe', 'near_zero', 'random')."}
+        default=0.01,
+        metadata={"help": "Fraction of targeted weight entries to train ('probe', 'near_zero', 'random')."},
     )
     mask_block_weights: str = field(
         default="ffn", metadata={"help": "Budget split between blocks: 'ffn' (FFN-heavy) or 'uniform'."}

@@ -73,6 +73,5 @@ def build_teacher_prompt(example: dict, column: str | None, template: str | None
             message["content"] = template.format(prompt=message["content"], **fields)
             return messages
     raise ValueError(
-        "teacher_prompt_template rewrites the last user message, but this prompt has no user message with text "
-        "content"
+        "teacher_prompt_template rewrites the last user message, but this prompt has no user message with text content"
     )

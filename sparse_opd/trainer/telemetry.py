@@ -89,7 +89,9 @@ class UpdateNormCallback(TrainerCallback):
         self._before: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _values(self, model: nn.Module) -> list[torch.Tensor]:
-        return [m.sparse_delta_values[self.adapter_name] for m in sparse_delta_layers(model, self.adapter_name).values()]
+        return [
+            m.sparse_delta_values[self.adapter_name] for m in sparse_delta_layers(model, self.adapter_name).values()
+        ]
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is not None:

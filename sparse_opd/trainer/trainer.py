@@ -27,9 +27,9 @@ from ..masks import SparseMask, near_zero_mask, random_mask
 from ..tuner import SparseDeltaConfig, SparseDeltaLayer
 from ..tuner.model_card import add_loading_section
 from .config import SparseOPDConfig, template_fields
-from .telemetry import UpdateNormCallback, sparse_delta_stats
 from .generation import merged_sparse_delta
 from .teachers import BaseWeightsTeacher, build_teacher_prompt
+from .telemetry import UpdateNormCallback, sparse_delta_stats
 from .vllm_sync import install_vllm_sync
 
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -82,11 +82,15 @@ class PrivilegedTeacherMixin:
         ids, _, _ = self._tokenize_prompts(teacher_prompts)
         ids = [torch.tensor(x) for x in ids]
         output["teacher_prompt_ids"] = pad(
-            ids, padding_value=self._tokenizer.pad_token_id, padding_side="left",
+            ids,
+            padding_value=self._tokenizer.pad_token_id,
+            padding_side="left",
             pad_to_multiple_of=self.pad_to_multiple_of,
         ).to(device)
         output["teacher_prompt_mask"] = pad(
-            [torch.ones_like(x) for x in ids], padding_value=0, padding_side="left",
+            [torch.ones_like(x) for x in ids],
+            padding_value=0,
+            padding_side="left",
             pad_to_multiple_of=self.pad_to_multiple_of,
         ).to(device)
         return output
@@ -186,9 +190,7 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
                 )
             if args.mask_strategy in ("probe", "near_zero", "random") and isinstance(model, str):
                 model = self._load_student(model, args, quantization_config)
-            peft_config = self._peft_config_from_strategy(
-                model, teacher_model, args, train_dataset, processing_class
-            )
+            peft_config = self._peft_config_from_strategy(model, teacher_model, args, train_dataset, processing_class)
 
         super().__init__(
             model=model,
@@ -223,7 +225,9 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
         has_context = args.teacher_prompt_template is not None
         columns = getattr(dataset, "column_names", None)
         if columns is not None:
-            has_context = has_context or (args.teacher_prompt_column is not None and args.teacher_prompt_column in columns)
+            has_context = has_context or (
+                args.teacher_prompt_column is not None and args.teacher_prompt_column in columns
+            )
             if args.teacher_prompt_template is not None:
                 missing = template_fields(args.teacher_prompt_template) - {"prompt"} - set(columns)
                 if missing:
@@ -258,14 +262,21 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
         if strategy == "file":
             return SparseDeltaConfig(mask=SparseMask.load(args.mask_path))
         if strategy == "near_zero":
-            return SparseDeltaConfig(mask=near_zero_mask(
-                model, density=args.mask_density, block_weights=args.mask_block_weights, target_modules=target
-            ))
+            return SparseDeltaConfig(
+                mask=near_zero_mask(
+                    model, density=args.mask_density, block_weights=args.mask_block_weights, target_modules=target
+                )
+            )
         if strategy == "random":
-            return SparseDeltaConfig(mask=random_mask(
-                model, density=args.mask_density, block_weights=args.mask_block_weights, target_modules=target,
-                seed=args.mask_seed,
-            ))
+            return SparseDeltaConfig(
+                mask=random_mask(
+                    model,
+                    density=args.mask_density,
+                    block_weights=args.mask_block_weights,
+                    target_modules=target,
+                    seed=args.mask_seed,
+                )
+            )
         if strategy == "diff":
             if not hasattr(SparseMask, "from_diff"):
                 raise NotImplementedError(
@@ -299,8 +310,14 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
         with tempfile.TemporaryDirectory(prefix="sparse-opd-probe-") as tmp:
             probe_args = copy.deepcopy(args)
             for key, value in {
-                "output_dir": tmp, "max_steps": args.mask_probe_steps, "save_strategy": "no", "eval_strategy": "no",
-                "report_to": [], "push_to_hub": False, "logging_steps": args.mask_probe_steps, "mask_strategy": None,
+                "output_dir": tmp,
+                "max_steps": args.mask_probe_steps,
+                "save_strategy": "no",
+                "eval_strategy": "no",
+                "report_to": [],
+                "push_to_hub": False,
+                "logging_steps": args.mask_probe_steps,
+                "mask_strategy": None,
                 "log_weight_stats": False,
             }.items():
                 setattr(probe_args, key, value)
@@ -328,15 +345,20 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.args.log_weight_stats and self.model.training and "loss" in logs:
             stats = sparse_delta_stats(self.model, self.adapter_name, tau=self.args.weight_stats_tau)
-            for key in ("moved_frac", "moved_frac_tau", "bf16_visible_frac", "delta_norm_ffn", "delta_norm_attention",
-                        "delta_norm_other"):
+            for key in (
+                "moved_frac",
+                "moved_frac_tau",
+                "bf16_visible_frac",
+                "delta_norm_ffn",
+                "delta_norm_attention",
+                "delta_norm_other",
+            ):
                 logs[f"sparse/{key}"] = stats[key]
             norms = self._update_norms.norms
             if norms:
                 logs["sparse/update_norm"] = sum(norms) / len(norms)
                 norms.clear()
         super().log(logs, start_time)
-
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card, plus how to load a sparse-delta adapter and how this one was trained."""
@@ -355,7 +377,11 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
             "\n\n## Sparse on-policy distillation\n\n"
             f"- trained coordinates: {sum(counts.values()):,} in {len(counts)} weight matrices "
             f"(mask: {self.args.mask_strategy or 'given'}"
-            + (f", density {self.args.mask_density}" if self.args.mask_strategy in ("probe", "near_zero", "random") else "")
+            + (
+                f", density {self.args.mask_density}"
+                if self.args.mask_strategy in ("probe", "near_zero", "random")
+                else ""
+            )
             + ")\n"
             f"- teacher: {teacher}\n"
             f"- divergence: generalized JSD with beta={self.args.beta} (0 = forward KL, 1 = reverse KL), "
