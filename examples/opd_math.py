@@ -249,9 +249,10 @@ def summarize_delta(stats, tau) -> str:
     """A few analyzer numbers: how much of the mask moved, what bf16 keeps, and where the delta's energy lies."""
     energy = {b: stats[f"delta_norm_{b}"] ** 2 for b in ("ffn", "attention", "other")}
     total = sum(energy.values()) or 1.0
+    tau_text = f"{tau:g}".replace("e-0", "e-")  # 1e-5, not 1e-05
     moved = (
         f"{100 * stats['moved_frac']:.1f}% of masked values moved ({100 * stats['moved_frac_tau']:.1f}% by more than "
-        f"{tau:g}), {100 * stats['bf16_visible_frac']:.1f}% survive a bf16 export"
+        f"{tau_text}), {100 * stats['bf16_visible_frac']:.1f}% survive a bf16 export"
     )
     norms = (
         f"delta norm {stats['delta_norm']:.4f}; energy share FFN {100 * energy['ffn'] / total:.0f}% / attention "
