@@ -408,3 +408,29 @@ def test_gradient_accumulation_and_evaluation_with_context_distillation(tmp_path
     assert len(evals) == 2 and all(math.isfinite(v) for v in evals)
     assert trainer.state.global_step == 2
     assert [h["sparse/update_norm"] > 0 for h in history if "loss" in h] == [True, True]
+
+
+def test_vllm_sync_streams_plain_names_and_merged_weights(tokenizer):
+    import contextlib
+    import types
+
+    from sparse_opd.trainer.vllm_sync import install_vllm_sync
+
+    model = get_peft_model(tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", density=0.2, init_weights=False))
+    gathered = []
+    fake = types.SimpleNamespace(
+        _dist=types.SimpleNamespace(
+            is_fsdp=False, gather_params=lambda params: gathered.append(len(params)) or contextlib.nullcontext()
+        ),
+        _fix_param_name_to_vllm=lambda name: name,
+    )
+    install_vllm_sync(fake, model)
+    sent = dict(fake._iter_named_params())
+    plain = tiny_llama(tokenizer).state_dict()
+    assert set(sent) == set(plain), "vLLM receives exactly the plain model's parameter names"
+    for name, layer in sparse_delta_layers(model, "default").items():
+        key = name.removeprefix("base_model.model.") + ".weight"
+        expected = layer.get_base_layer().weight + layer.get_delta_weight("default")
+        torch.testing.assert_close(sent[key], expected, rtol=0, atol=1e-7)
+        assert not torch.equal(sent[key], layer.get_base_layer().weight)
+    assert len(gathered) == len(sent), "every tensor is read inside the gather context"
