@@ -35,6 +35,8 @@ class SparseOPDConfig(DistillationConfig):
         mask_target_modules (`list[str]`, *optional*): modules to consider (default: every linear layer but the
             output head).
         mask_probe_steps (`int`, *optional*, defaults to `8`): dense OPD steps of the `"probe"` strategy.
+        mask_probe_learning_rate (`float`, *optional*, defaults to `1e-6`): learning rate of those dense steps (a
+            full fine-tuning rate, unlike `learning_rate`, which is for the sparse values).
         mask_probe_statistic (`str`, *optional*, defaults to `"update"`): statistic the probe ranks coordinates by
             (see `sparse_opd.masks.ProbeCallback`).
         mask_seed (`int`, *optional*, defaults to `0`): seed of `"random"`.
@@ -98,6 +100,9 @@ class SparseOPDConfig(DistillationConfig):
         default=None, metadata={"help": "Modules to consider for the mask (default: all linear layers but the head)."}
     )
     mask_probe_steps: int = field(default=8, metadata={"help": "Dense OPD steps run by mask_strategy='probe'."})
+    mask_probe_learning_rate: float = field(
+        default=1e-6, metadata={"help": "Learning rate of the dense probe steps (full fine-tuning scale)."}
+    )
     mask_probe_statistic: str = field(
         default="update", metadata={"help": "Statistic the probe ranks coordinates by (see ProbeCallback)."}
     )
