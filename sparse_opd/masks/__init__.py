@@ -1,13 +1,23 @@
 """Masks: which coordinates a sparse delta may train."""
 
 from .budget import allocate_budget
+from .diff import DiffReport
 from .encoding import decode_indices, encode_indices
 from .module_types import block_of, layer_index, module_type
+from .overlap import Overlap, intersection, mask_overlap, union
 from .priors import near_zero_mask, random_mask
+from .probe import ProbeCallback, top_k_mask
 from .sparse_mask import SparseMask, normalize_module_name
 
 __all__ = [
+    "DiffReport",
+    "Overlap",
+    "ProbeCallback",
     "SparseMask",
+    "intersection",
+    "mask_overlap",
+    "top_k_mask",
+    "union",
     "allocate_budget",
     "block_of",
     "decode_indices",

@@ -78,6 +78,53 @@ class SparseMask:
                 out_shapes[key] = tuple(shapes[key])
         return cls(indices, out_shapes)
 
+    @classmethod
+    def from_diff(cls, base, tuned, threshold: float = 1e-5, mode: str = "abs", precision: str = "raw",
+                  target_modules=None, return_report: bool = False, progress: bool = False):
+        """Coordinates that changed between two checkpoints (local file/dir, sharded or not, or Hub ids), streamed
+        tensor by tensor. ``mode``: ``"abs"`` (|delta| > threshold), ``"rel"`` (> threshold * rms(W_base)) or
+        ``"changed"`` (any change); ``precision``: ``"raw"`` or ``"bf16"`` (bf16(tuned) vs bf16(base)). With
+        ``return_report=True`` also returns a `DiffReport` of the kept fraction per module."""
+        from .diff import mask_from_diff
+
+        return mask_from_diff(base, tuned, threshold, mode, precision, target_modules, return_report, progress)
+
+    @classmethod
+    def from_peft_model(cls, model, adapter_name: str = "default") -> SparseMask:
+        """The coordinates of a sparse-delta adapter in a (Peft)model."""
+        from ..tuner import SparseDeltaLayer
+
+        indices, shapes = {}, {}
+        for name, module in model.named_modules():
+            if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_delta_indices:
+                indices[name] = module.sparse_delta_indices[adapter_name].cpu()
+                shapes[name] = module.weight_shape
+        if not indices:
+            raise ValueError(f"the model has no sparse-delta adapter named {adapter_name!r}")
+        return cls(indices, shapes)
+
+    def union(self, other: SparseMask) -> SparseMask:
+        from .overlap import union
+
+        return union(self, other)
+
+    def intersection(self, other: SparseMask) -> SparseMask:
+        from .overlap import intersection
+
+        return intersection(self, other)
+
+    def overlap(self, other: SparseMask) -> dict:
+        """Jaccard, coverages and overlap coefficient against their random expectations (see `mask_overlap`)."""
+        from .overlap import mask_overlap
+
+        return mask_overlap(self, other)
+
+    def density_by(self, by: str = "block") -> dict:
+        """Density per ``"module"``, ``"type"``, ``"block"`` or ``"layer"``."""
+        from .stats import density_by
+
+        return density_by(self, by)
+
     # queries --------------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.indices)

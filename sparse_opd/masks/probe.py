@@ -1,0 +1,116 @@
+"""A probe mask: per-coordinate statistics of a few full-parameter steps of any `transformers.Trainer`.
+
+Add `ProbeCallback` to a Trainer (SFT, GRPO, distillation, `SparseOPDTrainer` in dense mode, ...), train a few steps,
+then keep the top coordinates under a budget with `to_mask`. Statistics, accumulated per targeted weight:
+
+- ``"update"`` (default): ``|W_now - W_start|``, the cumulative update. It is the quantity a diff mask thresholds,
+  so a probe of N steps is a short-horizon estimate of the full run's diff mask.
+- ``"grad"``: ``sum_steps |g|`` (read just before each optimizer step, after clipping).
+- ``"adam"``: ``sum_steps |m / (sqrt(v) + eps)|`` from AdamW's state just after each step: the normalized step
+  direction, insensitive to the gradient scale of each coordinate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .budget import allocate_budget
+from .sparse_mask import SparseMask
+
+STATISTICS = ("update", "grad", "adam")
+_HEADS = ("lm_head", "embed_out", "score", "classifier")
+
+
+def _linear_weights(model: nn.Module, target_modules) -> dict[str, nn.Parameter]:
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        leaf = name.split(".")[-1]
+        if target_modules is None and leaf in _HEADS:
+            continue
+        if target_modules is not None and name not in target_modules and leaf not in target_modules:
+            continue
+        out[name] = module.weight
+    if not out:
+        raise ValueError(f"no nn.Linear / Conv1D weight matches target_modules={target_modules}")
+    return out
+
+
+class ProbeCallback(TrainerCallback):
+    """Accumulates a per-coordinate statistic of the targeted weights during training; see the module docstring."""
+
+    def __init__(self, statistic: str = "update", target_modules=None):
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        self.statistic = statistic
+        self.target_modules = target_modules
+        self.weights: dict[str, nn.Parameter] = {}
+        self.scores: dict[str, torch.Tensor] = {}
+        self._start: dict[str, torch.Tensor] = {}
+        self._optimizer = None
+        self.steps = 0
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.weights = _linear_weights(model, self.target_modules)
+        frozen = [n for n, w in self.weights.items() if not w.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"the probe needs full-parameter training of the weights it scores, but {frozen[:3]} are frozen "
+                "(a PEFT model?); run the probe on the plain model"
+            )
+        self._optimizer = optimizer
+        if self.statistic == "update":
+            self._start = {n: w.detach().float().clone() for n, w in self.weights.items()}
+        else:
+            self.scores = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in self.weights.items()}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.statistic == "grad":
+            for name, weight in self.weights.items():
+                if weight.grad is not None:
+                    self.scores[name].add_(weight.grad.detach().float().abs())
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.steps += 1
+        if self.statistic != "adam":
+            return
+        optimizer = optimizer or self._optimizer
+        states = getattr(optimizer, "state", None)
+        if states is None:  # accelerate wraps the optimizer
+            states = optimizer.optimizer.state
+        eps = args.adam_epsilon
+        for name, weight in self.weights.items():
+            st = states.get(weight)
+            if not st or "exp_avg" not in st:
+                raise ValueError("statistic='adam' needs an Adam-type optimizer (exp_avg / exp_avg_sq in its state)")
+            self.scores[name].add_((st["exp_avg"].float() / (st["exp_avg_sq"].float().sqrt() + eps)).abs())
+
+    def current_scores(self) -> dict[str, torch.Tensor]:
+        if self.statistic == "update":
+            if not self._start:
+                raise RuntimeError("the probe has not seen training start; add it to a Trainer and call train()")
+            return {n: (w.detach().float() - self._start[n]).abs() for n, w in self.weights.items()}
+        if not self.scores:
+            raise RuntimeError("the probe has not seen training start; add it to a Trainer and call train()")
+        return self.scores
+
+    def to_mask(self, density: float | None = None, total: int | None = None,
+                block_weights: str | Mapping[str, float] | None = "ffn") -> SparseMask:
+        """The top-scoring coordinates per module under an exact budget (ties broken by position)."""
+        scores = self.current_scores()
+        return top_k_mask(scores, density=density, total=total, block_weights=block_weights)
+
+
+def top_k_mask(scores: Mapping[str, torch.Tensor], density=None, total=None, block_weights="ffn") -> SparseMask:
+    """Per module, the coordinates with the largest score, with counts from `allocate_budget`."""
+    shapes = {name: tuple(s.shape) for name, s in scores.items()}
+    counts = allocate_budget(shapes, density=density, total=total, block_weights=block_weights)
+    indices = {name: torch.topk(s.reshape(-1), counts[name]).indices.cpu() for name, s in scores.items()}
+    return SparseMask(indices, shapes)
