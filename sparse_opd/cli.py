@@ -17,8 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
+            if err.name is None or not module_name.startswith(err.name):
+                raise  # a missing dependency inside the module, not a subpackage that is absent
             continue
         module.register(subparsers)
     return parser

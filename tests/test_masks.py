@@ -191,3 +191,20 @@ def test_probe_callback_ranks_coordinates_from_a_short_trainer_run(tmp_path):
             assert moved[kept].min() >= moved[~kept].max()
     with pytest.raises(ValueError, match="statistic must be one of"):
         ProbeCallback(statistic="fisher")
+
+
+def test_cli_diff_stats_overlap_and_combine(tmp_path, capsys):
+    from sparse_opd.cli import main
+
+    base, tuned, planted = _planted_pair(tmp_path, torch.float32, True)
+    assert main(["mask", "diff", str(base), str(tuned), "--out", str(tmp_path / "d.safetensors"),
+                 "--report", str(tmp_path / "r.json")]) == 0
+    assert SparseMask.load(tmp_path / "d.safetensors").count() == 6
+    main(["mask", "stats", str(tmp_path / "d.safetensors"), "--by", "type"])
+    out = capsys.readouterr().out
+    assert "| up | 4 |" in out and "| q | 2 |" in out
+    main(["mask", "overlap", str(tmp_path / "d.safetensors"), str(tmp_path / "d.safetensors")])
+    assert "| jaccard | 1.0000 |" in capsys.readouterr().out
+    main(["mask", "combine", str(tmp_path / "d.safetensors"), str(tmp_path / "d.safetensors"), "--op",
+          "intersection", "--out", str(tmp_path / "i.safetensors")])
+    assert SparseMask.load(tmp_path / "i.safetensors") == SparseMask.load(tmp_path / "d.safetensors")
