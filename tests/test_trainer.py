@@ -434,3 +434,58 @@ def test_vllm_sync_streams_plain_names_and_merged_weights(tokenizer):
         torch.testing.assert_close(sent[key], expected, rtol=0, atol=1e-7)
         assert not torch.equal(sent[key], layer.get_base_layer().weight)
     assert len(gathered) == len(sent), "every tensor is read inside the gather context"
+
+
+def test_probe_strategy_keeps_the_top_scoring_coordinates_and_restores_the_weights(
+    tmp_path, tokenizer, train_set, monkeypatch
+):
+    from sparse_opd.masks import ProbeCallback
+
+    captured = {}
+    original_to_mask = ProbeCallback.to_mask
+
+    def spy(self, *args, **kwargs):
+        captured["scores"] = {n: s.clone() for n, s in self.current_scores().items()}
+        captured["steps"] = self.steps
+        return original_to_mask(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProbeCallback, "to_mask", spy)
+    student = student_model(tokenizer)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    args = make_args(tmp_path, mask_strategy="probe", mask_density=0.05, mask_probe_steps=2,
+                     mask_probe_learning_rate=1e-3)
+    trainer = SparseOPDTrainer(model=student, teacher_model=peaked_teacher(tokenizer), args=args,
+                               train_dataset=train_set, processing_class=tokenizer)
+    assert captured["steps"] == 2
+    for key, value in trainer.model.base_model.model.state_dict().items():
+        plain = key.replace(".base_layer", "")
+        if plain in before:
+            assert torch.equal(value, before[plain]), f"{plain} was not restored after the probe"
+    layers = sparse_delta_layers(trainer.model, "default")
+    assert math.isclose(sum(m.sparse_delta_values["default"].numel() for m in layers.values())
+                        / sum(m.weight_numel for m in layers.values()), 0.05, rel_tol=0.05)
+    for name, layer in layers.items():
+        scores = captured["scores"][name.removeprefix("base_model.model.")].reshape(-1)
+        chosen = torch.zeros_like(scores, dtype=torch.bool)
+        chosen[layer.sparse_delta_indices["default"]] = True
+        assert scores[chosen].min() >= scores[~chosen].max(), f"{name}: the mask is not the top-k of the probe"
+        assert scores[chosen].max() > 0, f"{name}: the probe saw no update"
+
+
+def test_diff_strategy_trains_exactly_the_coordinates_that_changed(tmp_path, tokenizer, train_set):
+    base = student_model(tokenizer)
+    base.save_pretrained(tmp_path / "base")
+    tuned = student_model(tokenizer)
+    changed = {"model.layers.0.mlp.up_proj": [3, 70, 500], "model.layers.1.self_attn.q_proj": [0, 33]}
+    with torch.no_grad():
+        for name, flat in changed.items():
+            tuned.get_submodule(name).weight.view(-1)[flat] += 0.01
+    tuned.save_pretrained(tmp_path / "tuned")
+    args = make_args(tmp_path, mask_strategy="diff", mask_diff_base=str(tmp_path / "base"),
+                     mask_diff_tuned=str(tmp_path / "tuned"))
+    trainer = SparseOPDTrainer(model=base, teacher_model=peaked_teacher(tokenizer), args=args,
+                               train_dataset=train_set, processing_class=tokenizer)
+    layers = {n.removeprefix("base_model.model."): m for n, m in sparse_delta_layers(trainer.model, "default").items()}
+    assert set(layers) == set(changed)
+    for name, flat in changed.items():
+        assert layers[name].sparse_delta_indices["default"].tolist() == flat

@@ -24,7 +24,7 @@ from peft import PeftConfig
 from trl import DistillationTrainer
 from trl.trainer.utils import create_model_from_path, pad
 
-from ..masks import SparseMask, near_zero_mask, random_mask
+from ..masks import ProbeCallback, SparseMask, near_zero_mask, random_mask
 from ..tuner import SparseDeltaConfig, SparseDeltaLayer
 from ..tuner.model_card import add_loading_section
 from .config import SparseOPDConfig, template_fields
@@ -279,16 +279,15 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
                 )
             )
         if strategy == "diff":
-            if not hasattr(SparseMask, "from_diff"):
-                raise NotImplementedError(
-                    "mask_strategy='diff' needs SparseMask.from_diff, which this version of sparse_opd.masks lacks"
+            mask = SparseMask.from_diff(
+                args.mask_diff_base, args.mask_diff_tuned, threshold=args.mask_diff_threshold, target_modules=target
+            )
+            if not mask.modules():
+                raise ValueError(
+                    f"{args.mask_diff_tuned} does not differ from {args.mask_diff_base} by more than "
+                    f"{args.mask_diff_threshold} anywhere in the targeted modules; lower mask_diff_threshold or check "
+                    "the checkpoints"
                 )
-            mask = SparseMask.from_diff(args.mask_diff_base, args.mask_diff_tuned, threshold=args.mask_diff_threshold)
-            if target is not None:
-                keep = [n for n in mask.modules() if n in target or n.split(".")[-1] in target]
-                if not keep:
-                    raise ValueError(f"no module of the diff mask matches mask_target_modules={target}")
-                mask = SparseMask({n: mask.indices[n] for n in keep}, {n: mask.shapes[n] for n in keep})
             return SparseDeltaConfig(mask=mask)
         if strategy == "probe":
             return SparseDeltaConfig(mask=cls._probe_mask(model, teacher_model, args, train_dataset, processing_class))
@@ -296,18 +295,12 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
 
     @classmethod
     def _probe_mask(cls, model, teacher_model, args, train_dataset, processing_class) -> SparseMask:
-        """Run `mask_probe_steps` dense OPD steps with a `ProbeCallback`, restore the weights, return its mask."""
-        try:
-            from ..masks import ProbeCallback
-        except ImportError:
-            raise NotImplementedError(
-                "mask_strategy='probe' needs sparse_opd.masks.ProbeCallback, which this version lacks"
-            ) from None
+        """Run `mask_probe_steps` dense OPD steps with a `ProbeCallback`, take its mask, restore the weights."""
         if teacher_model is None:
             # the base-weights teacher of a dense student is a frozen copy of its starting weights
             teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        probe = ProbeCallback(statistic=args.mask_probe_statistic)
+        probe = ProbeCallback(statistic=args.mask_probe_statistic, target_modules=args.mask_target_modules)
         with tempfile.TemporaryDirectory(prefix="sparse-opd-probe-") as tmp:
             probe_args = copy.deepcopy(args)
             for key, value in {
@@ -331,9 +324,12 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
                 processing_class=processing_class,
                 callbacks=[probe],
             ).train()
+        mask = probe.to_mask(density=args.mask_density, block_weights=args.mask_block_weights)  # before restoring
         with torch.no_grad():
             model.load_state_dict(saved)
-        return probe.to_mask(density=args.mask_density, block_weights=args.mask_block_weights)
+        for param in model.parameters():
+            param.grad = None
+        return mask
 
     # generation -----------------------------------------------------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
