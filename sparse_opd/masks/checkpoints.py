@@ -37,7 +37,7 @@ def checkpoint_files(source: str | os.PathLike) -> list[str]:
 
 
 class CheckpointReader:
-    """Maps tensor names to shards and loads one tensor at a time (memory-mapped, nothing else resident)."""
+    """Maps tensor names to shards and loads one tensor at a time."""
 
     def __init__(self, source: str | os.PathLike):
         self.source = str(source)
@@ -46,7 +46,6 @@ class CheckpointReader:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
                     self._location[name] = path
-        self._handles: dict[str, object] = {}
 
     def names(self) -> list[str]:
         return list(self._location)
@@ -54,14 +53,12 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._location
 
-    def _handle(self, name: str):
-        path = self._location[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path]
-
+    # Each read opens and closes its shard: an open handle keeps the file memory-mapped, and every page read
+    # through it would stay resident, growing the process to the checkpoint's size.
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        with safe_open(self._location[name], framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        with safe_open(self._location[name], framework="pt") as f:
+            return f.get_tensor(name)
