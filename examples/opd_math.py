@@ -27,6 +27,7 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 import sparse_opd  # noqa: F401  (registers the sparse-delta PEFT method)
+from sparse_opd.masks import block_of
 from sparse_opd.models import resolve_model_path
 from sparse_opd.tasks import arithmetic_dataset, evaluate_model, prepare_qa_dataset
 from sparse_opd.trainer import SparseOPDConfig, SparseOPDTrainer, sparse_delta_layers, sparse_delta_stats
@@ -240,6 +241,7 @@ def report(model, config, args, before, teacher_score, after, started):
         else f"adapter: {adapter_file} ({size / 2**10:.1f} KiB)"
     )
     print("learned delta: " + summarize_delta(stats, config.weight_stats_tau))
+    print("relative change ||delta||_F / ||W||_F: " + relative_change(layers, stats))
     if config.push_to_hub:
         print(f"pushed to the Hub: {config.hub_model_id or os.path.basename(config.output_dir)}")
     print(f"total time: {time.perf_counter() - started:.0f}s")
@@ -259,6 +261,17 @@ def summarize_delta(stats, tau) -> str:
         f"{100 * energy['attention'] / total:.0f}%"
     )
     return f"{moved}; {norms}"
+
+
+def relative_change(layers, stats) -> str:
+    """Relative Frobenius norm of the delta over the adapted weights of each block (the analyzer's first metric)."""
+    weight_sq = {"ffn": 0.0, "attention": 0.0, "other": 0.0}
+    for name, layer in layers.items():
+        weight_sq[block_of(name)] += float(layer.get_base_layer().weight.detach().double().pow(2).sum())
+    parts = [
+        f"{block} {stats[f'delta_norm_{block}'] / sq**0.5:.2e}" for block, sq in weight_sq.items() if sq > 0
+    ]
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

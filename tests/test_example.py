@@ -81,6 +81,7 @@ def test_example_runs_and_reports_on_a_tiny_model(example, tiny_model_dir, tmp_p
         "trained coordinates:",
         "adapter:",
         "learned delta:",
+        "relative change ||delta||_F / ||W||_F: ffn ",
     ):
         assert line in out, line
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
