@@ -1,0 +1,6 @@
+"""Analyzer: the geometry of any weight delta (full fine-tune, sparse delta, LoRA), precision-aware, with nulls."""
+
+from .report import DeltaReport, analyze_delta, analyze_matrix
+from .sources import AdapterDeltas, CheckpointPair, open_source
+
+__all__ = ["AdapterDeltas", "CheckpointPair", "DeltaReport", "analyze_delta", "analyze_matrix", "open_source"]

@@ -1,0 +1,50 @@
+"""`sparse-opd analyze BASE TUNED_OR_ADAPTER --out DIR` and `sparse-opd compare REPORT.json ... --out FILE.md`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _analyze(args):
+    from .plots import write_plots
+    from .report import analyze_delta
+
+    report = analyze_delta(args.base, args.tuned, rank_fraction=args.rank_fraction, device=args.device)
+    os.makedirs(args.out, exist_ok=True)
+    report.to_json(os.path.join(args.out, "report.json"))
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(report.to_markdown())
+    write_plots(report.to_dict(), args.out)
+    print(report.summary())
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} tensor(s); see report.md")
+    print(f"wrote {args.out}/report.json, report.md and plots")
+
+
+def _compare(args):
+    from .markdown import compare_markdown
+
+    named = {}
+    for path in args.reports:
+        with open(path) as f:
+            named[os.path.basename(os.path.dirname(os.path.abspath(path))) or path] = json.load(f)
+    text = compare_markdown(named)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("analyze", help="geometry of a weight delta (checkpoint pair or base + PEFT adapter)")
+    p.add_argument("base", help="base checkpoint (file, directory, Hub id)")
+    p.add_argument("tuned", help="tuned checkpoint, or a PEFT adapter directory (sparse delta or LoRA)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--rank-fraction", type=float, default=0.05, help="r / min(m, n) of the alignment subspaces")
+    p.add_argument("--device", default="auto", help="'auto' (GPU if there is one), 'cpu', 'cuda'")
+    p.set_defaults(func=_analyze)
+    p = subparsers.add_parser("compare", help="put several report.json side by side")
+    p.add_argument("reports", nargs="+")
+    p.add_argument("--out", help="also write the Markdown table here")
+    p.set_defaults(func=_compare)

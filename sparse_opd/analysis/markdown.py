@@ -1,0 +1,52 @@
+"""Markdown rendering of a `DeltaReport` and side-by-side comparisons."""
+
+from __future__ import annotations
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return str(x)
+
+
+def report_markdown(report) -> str:
+    a = report.aggregates
+    lines = [f"# Delta analysis: {report.source.get('tuned')} vs {report.source.get('base')}", "", "```",
+             report.summary(), "```", "", "## Sparsity by precision mode", "",
+             "| tau | unchanged raw | unchanged bf16-visible |", "|---:|---:|---:|"]
+    for tau in a["unchanged"]["raw"]:
+        lines.append(f"| {tau} | {a['unchanged']['raw'][tau]:.4f} | {a['unchanged']['bf16'][tau]:.4f} |")
+    lines += ["", f"Entries whose update is below half a bf16 step of W: {a['unchanged_half_step']:.4f}", "",
+              "## Medians beside their nulls", "", "| metric | value |", "|---|---:|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in a["median"].items()]
+    for key, title in (("by_block", "block"), ("by_type", "module type"), ("by_layer", "layer")):
+        lines += ["", f"## Energy by {title}", "", f"| {title} | energy share | relative norm |", "|---|---:|---:|"]
+        lines += [f"| {g} | {v['energy_share']:.3f} | {v['rel_norm']:.3e} |" for g, v in a[key].items()]
+    cols = ["name", "rel_norm", "unchanged_raw_1e-05", "unchanged_bf16_0", "rank_ratio", "top16_energy",
+            "null_top16_energy", "align_both", "null_align_both", "near_zero_lift_raw_q0.1"]
+    lines += ["", "## Per matrix", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in report.rows]
+    if report.skipped:
+        lines += ["", "## Skipped", ""] + [f"- `{n}`: {r}" for n, r in report.skipped]
+    return "\n".join(lines) + "\n"
+
+
+def compare_markdown(named: dict[str, dict]) -> str:
+    """``named``: label -> report.json contents. One row per headline number, one column per report."""
+    labels = list(named)
+    rows = [
+        ("relative norm", lambda a: a["global_rel_norm"]),
+        ("unchanged |d|<=1e-5 (raw)", lambda a: a["unchanged"]["raw"]["1e-05"]),
+        ("invisible in bf16", lambda a: a["unchanged"]["bf16"]["0"]),
+        ("FFN energy share", lambda a: a["by_block"].get("ffn", {}).get("energy_share", 0.0)),
+        ("median rank ratio", lambda a: a["median"]["rank_ratio"]),
+        ("median top-16 energy", lambda a: a["median"]["top16_energy"]),
+        ("median top-16 energy (null)", lambda a: a["median"]["null_top16_energy"]),
+        ("median alignment both", lambda a: a["median"]["align_both"]),
+        ("median alignment both (null)", lambda a: a["median"]["null_align_both"]),
+        ("near-zero lift q0.1 (raw)", lambda a: a["median"]["near_zero_lift_raw_q0.1"]),
+    ]
+    lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for title, get in rows:
+        lines.append(f"| {title} | " + " | ".join(_fmt(get(named[l]["aggregates"])) for l in labels) + " |")
+    return "\n".join(lines) + "\n"

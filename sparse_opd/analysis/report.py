@@ -1,0 +1,167 @@
+"""`analyze_delta`: per-matrix metrics in three precision modes, each spectral/alignment/near-zero number beside its
+null (an isotropic delta of the same norm through the same pipeline), and aggregates by module type, block, layer."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..masks.module_types import block_of, layer_index, module_type
+from . import metrics as M
+from .sources import open_source
+
+CHANGED_TAU = 1e-5  # the paper's "moved" threshold
+
+
+def _device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def analyze_matrix(name: str, w: torch.Tensor, d: torch.Tensor, rank_fraction: float = 0.05, seed: int = 0,
+                   device: str = "cpu") -> dict:
+    """All per-matrix metrics of one delta as a flat, JSON-friendly dict."""
+    m, n = w.shape
+    row = {"name": name, "module_type": module_type(name), "block": block_of(name), "layer": layer_index(name),
+           "rows": m, "cols": n, "numel": m * n,
+           "w_energy": float(w.double().pow(2).sum()), "d_energy": float(d.double().pow(2).sum())}
+    row["rel_norm"] = (row["d_energy"] / row["w_energy"]) ** 0.5 if row["w_energy"] else float("nan")
+    visible = M.bf16_visible(w, d)
+    step = M.bf16_step(w)
+    for tau, frac in M.fraction_unchanged(d).items():
+        row[f"unchanged_raw_{tau:g}"] = frac
+    for tau, frac in M.fraction_unchanged(visible).items():
+        row[f"unchanged_bf16_{tau:g}"] = frac
+    row["unchanged_half_step"] = float((d.abs() < 0.5 * step).double().mean())  # below half a bf16 step of W
+    rms = w.double().pow(2).mean().sqrt()
+    row["unchanged_rel_1e-3"] = float((d.abs().double() <= 1e-3 * rms).double().mean())
+
+    gen = torch.Generator().manual_seed(seed)
+    null = M.isotropic_like(d, gen)
+    wd, dd, nd = w.to(device), d.to(device), null.to(device)
+    u, _, vh = torch.linalg.svd(wd, full_matrices=False)
+    r = max(1, round(rank_fraction * min(m, n)))
+    row["align_r"] = r
+    for label, delta in (("", dd), ("null_", nd)):
+        s = torch.linalg.svdvals(delta.float()).double()
+        row[f"{label}rank"] = M.numerical_rank(s)
+        row[f"{label}rank_ratio"] = row[f"{label}rank"] / min(m, n)
+        row[f"{label}stable_rank"] = M.stable_rank(s)
+        row[f"{label}effective_rank"] = M.effective_rank(s)
+        for k, share in M.top_k_energy(s).items():
+            row[f"{label}top{k}_energy"] = share
+        align = M.subspace_alignment(u, vh.T, delta, r)
+        for key in ("left", "right", "both"):
+            row[f"{label}align_{key}"] = align[key]
+        if not label:
+            row["spectrum"] = [float(x) for x in s[:64].cpu()]
+            for key in ("left", "right", "both"):
+                row[f"expected_align_{key}"] = align[f"expected_{key}"]
+    changed_raw = d.abs() > CHANGED_TAU
+    changed_bf16 = visible != 0
+    null_bf16 = M.bf16_visible(w, null) != 0
+    for label, changed in (("raw", changed_raw), ("bf16", changed_bf16), ("null_bf16", null_bf16),
+                           ("null_raw", null.abs() > CHANGED_TAU)):
+        for q, lift in M.near_zero_lift(w, changed).items():
+            row[f"near_zero_lift_{label}_q{q:g}"] = lift
+    return row
+
+
+@dataclass
+class DeltaReport:
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    source: dict = field(default_factory=dict)
+
+    # aggregates ----------------------------------------------------------------------------------------------------
+    def _group(self, key: str) -> dict:
+        energy, w_energy, numel = defaultdict(float), defaultdict(float), defaultdict(int)
+        for row in self.rows:
+            g = str(row[key])
+            energy[g] += row["d_energy"]
+            w_energy[g] += row["w_energy"]
+            numel[g] += row["numel"]
+        total = sum(energy.values()) or 1.0
+        return {g: {"energy_share": energy[g] / total, "rel_norm": (energy[g] / w_energy[g]) ** 0.5 if w_energy[g] else 0.0,
+                    "numel": numel[g]} for g in sorted(energy, key=lambda x: (len(x), x))}
+
+    @property
+    def aggregates(self) -> dict:
+        if not self.rows:
+            return {}
+        numel = sum(r["numel"] for r in self.rows)
+        weighted = lambda key: sum(r[key] * r["numel"] for r in self.rows) / numel  # noqa: E731
+        med = lambda key: statistics.median(r[key] for r in self.rows)  # noqa: E731
+        out = {
+            "matrices": len(self.rows),
+            "global_rel_norm": (sum(r["d_energy"] for r in self.rows) / sum(r["w_energy"] for r in self.rows)) ** 0.5,
+            "unchanged": {mode: {f"{tau:g}": weighted(f"unchanged_{mode}_{tau:g}") for tau in M.TAUS}
+                          for mode in ("raw", "bf16")},
+            "unchanged_half_step": weighted("unchanged_half_step"),
+            "median": {k: med(k) for k in ("rank_ratio", "null_rank_ratio", "top16_energy", "null_top16_energy",
+                                            "align_both", "null_align_both", "expected_align_both",
+                                            "near_zero_lift_raw_q0.1", "near_zero_lift_bf16_q0.1",
+                                            "near_zero_lift_null_bf16_q0.1")},
+            "by_block": self._group("block"),
+            "by_type": self._group("module_type"),
+            "by_layer": self._group("layer"),
+        }
+        return out
+
+    def summary(self) -> str:
+        a = self.aggregates
+        if not a:
+            return "no matrix analyzed"
+        ffn = a["by_block"].get("ffn", {}).get("energy_share", 0.0)
+        return "\n".join([
+            f"relative update norm {a['global_rel_norm']:.3e} over {a['matrices']} matrices",
+            f"entries with |delta| <= 1e-5: {a['unchanged']['raw']['1e-05']:.1%} raw, "
+            f"{a['unchanged']['bf16']['0']:.1%} invisible in bf16",
+            f"FFN share of update energy: {ffn:.1%}",
+            f"median rank ratio {a['median']['rank_ratio']:.2f} (null {a['median']['null_rank_ratio']:.2f}); "
+            f"median top-16 energy {a['median']['top16_energy']:.1%} (null {a['median']['null_top16_energy']:.1%})",
+            f"near-zero lift (bottom 10% of |W|): {a['median']['near_zero_lift_raw_q0.1']:.2f} raw, "
+            f"null through bf16 {a['median']['near_zero_lift_null_bf16_q0.1']:.2f}",
+        ])
+
+    # output ---------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"source": self.source, "aggregates": self.aggregates, "rows": self.rows,
+                "skipped": [{"name": n, "reason": r} for n, r in self.skipped]}
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    def to_markdown(self) -> str:
+        from .markdown import report_markdown
+
+        return report_markdown(self)
+
+
+def analyze_delta(base, tuned, *, rank_fraction: float = 0.05, seed: int = 0, device: str = "auto",
+                  progress: bool = True) -> DeltaReport:
+    """Analyze ``tuned - base``.
+
+    ``base``: checkpoint (file, directory, Hub id) or state dict. ``tuned``: a checkpoint or state dict of the same
+    architecture, or a PEFT adapter directory (sparse delta or LoRA; deltas are built per module from the file).
+    """
+    source = open_source(base, tuned)
+    device = _device(device)
+    report = DeltaReport(source={"base": str(base) if not isinstance(base, dict) else "<state dict>",
+                                 "tuned": str(tuned) if not isinstance(tuned, dict) else "<state dict>",
+                                 "kind": type(source).__name__})
+    iterator = iter(source)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=len(source), desc="analyze", unit="matrix")
+    for name, w, d in iterator:
+        report.rows.append(analyze_matrix(name.removesuffix(".weight"), w, d, rank_fraction, seed, device))
+    report.skipped = list(source.skipped)
+    return report

@@ -1,0 +1,138 @@
+"""Analyzer metrics on constructed deltas with known answers, the adapter paths, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from sparse_opd import SparseDeltaConfig
+from sparse_opd.analysis import analyze_delta, analyze_matrix
+from sparse_opd.analysis import metrics as M
+from tiny_models import make_model
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def _w(m=64, n=48):
+    return torch.randn(m, n, generator=GEN)
+
+
+def test_rank_r_delta_has_rank_r_and_all_energy_in_top_r():
+    d = torch.randn(64, 3, generator=GEN) @ torch.randn(3, 48, generator=GEN)
+    s = M.singular_values(d)
+    assert M.numerical_rank(s) == 3
+    assert M.top_k_energy(s, (2, 4))[4] == pytest.approx(1.0)
+    assert M.top_k_energy(s, (2,))[2] < 1.0
+
+
+def test_delta_inside_the_top_r_subspace_is_fully_aligned():
+    w = _w()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    d = u[:, :4] @ torch.randn(4, 4, generator=GEN) @ vh[:4]
+    align = M.subspace_alignment(u, vh.T, d, r=4)
+    assert align["both"] == pytest.approx(1.0) and align["left"] == pytest.approx(1.0)
+
+
+def test_isotropic_delta_aligns_at_its_random_expectation():
+    w = torch.randn(256, 192, generator=GEN)
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    align = M.subspace_alignment(u, vh.T, M.isotropic_like(torch.ones(256, 192), GEN), r=19)
+    assert align["left"] == pytest.approx(align["expected_left"], rel=0.2)
+    assert align["right"] == pytest.approx(align["expected_right"], rel=0.2)
+
+
+def test_planted_sparse_delta_gives_exact_unchanged_fractions():
+    d = torch.zeros(10, 10)
+    d.view(-1)[:5] = 1e-6
+    d.view(-1)[5:8] = 1e-3
+    frac = M.fraction_unchanged(d)
+    assert frac[0.0] == 0.92 and frac[1e-6] == 0.97 and frac[1e-5] == 0.97 and frac[1e-4] == 0.97
+
+
+def test_sub_ulp_delta_is_changed_raw_and_invisible_in_bf16():
+    w = torch.randn(32, 32, generator=GEN).to(torch.bfloat16).float()
+    d = M.bf16_step(w) * 0.25
+    assert M.fraction_unchanged(d)[0.0] == 0.0
+    assert M.fraction_unchanged(M.bf16_visible(w, d))[0.0] == 1.0
+    row = analyze_matrix("model.layers.0.mlp.up_proj", w, d)
+    assert row["unchanged_half_step"] == 1.0 and row["unchanged_bf16_0"] == 1.0
+
+
+def test_near_zero_lift_detects_changes_on_small_weights():
+    w = torch.randn(100, 100, generator=GEN)
+    small = w.abs() <= w.abs().reshape(-1).kthvalue(1000).values
+    assert M.near_zero_lift(w, small, (0.1,))[0.1] == pytest.approx(10.0)
+    assert M.near_zero_lift(w, torch.ones_like(w, dtype=torch.bool), (0.1,))[0.1] == pytest.approx(1.0, rel=0.01)
+
+
+def test_module_type_split_with_known_energies():
+    base = {"model.layers.0.mlp.up_proj.weight": torch.ones(4, 4), "model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4)}
+    tuned = {"model.layers.0.mlp.up_proj.weight": torch.ones(4, 4) + 3.0, "model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4) + 1.0}
+    report = analyze_delta(base, tuned, progress=False, rank_fraction=0.25)
+    blocks = report.aggregates["by_block"]
+    assert blocks["ffn"]["energy_share"] == pytest.approx(0.9)
+    assert blocks["attention"]["energy_share"] == pytest.approx(0.1)
+    assert report.aggregates["global_rel_norm"] == pytest.approx((160 / 32) ** 0.5)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["sparse_delta", "lora"])
+def test_adapter_deltas_equal_the_merged_model_diff(tmp_path, method):
+    model = make_model("gpt2" if method == "lora" else "llama")
+    model.save_pretrained(tmp_path / "base")
+    base_state = _state(model)
+    if method == "lora":
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False,
+                            fan_in_fan_out=True)
+    else:
+        config = SparseDeltaConfig(mask_init="random", density=0.05, init_weights=False)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = _state(peft_model.merge_and_unload())
+    from_adapter = analyze_delta(tmp_path / "base", tmp_path / "adapter", progress=False)
+    from_merged = analyze_delta(base_state, merged, progress=False)
+    rows = {r["name"]: r for r in from_merged.rows if r["d_energy"] > 0}
+    assert {r["name"] for r in from_adapter.rows} == set(rows)
+    for r in from_adapter.rows:
+        assert r["d_energy"] == pytest.approx(rows[r["name"]]["d_energy"], rel=1e-5)
+        assert r["unchanged_raw_0"] == pytest.approx(rows[r["name"]]["unchanged_raw_0"])
+
+
+def test_bad_inputs_are_listed_not_fatal(tmp_path):
+    base = {"a.weight": torch.ones(3, 3), "b.weight": torch.ones(3, 3), "c.weight": torch.ones(2, 2),
+            "i.weight": torch.ones(2, 2, dtype=torch.int64)}
+    tuned = {"a.weight": torch.ones(3, 3) * 2, "c.weight": torch.ones(3, 3), "i.weight": torch.ones(2, 2, dtype=torch.int64),
+             "extra.weight": torch.ones(1, 1)}
+    report = analyze_delta(base, tuned, progress=False)
+    reasons = dict(report.skipped)
+    assert [r["name"] for r in report.rows] == ["a"]
+    assert "missing from the tuned" in reasons["b.weight"] and "shape" in reasons["c.weight"]
+    assert "not floating point" in reasons["i.weight"] and "missing from the base" in reasons["extra.weight"]
+    (tmp_path / "notpeft").mkdir()
+    with pytest.raises(ValueError, match="not a PEFT adapter directory"):
+        from sparse_opd.analysis.sources import AdapterDeltas
+
+        AdapterDeltas(base, tmp_path / "notpeft")
+
+
+def test_cli_analyze_and_compare_write_reports_and_plots(tmp_path, capsys):
+    from sparse_opd.cli import main
+
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="magnitude", density=0.05, init_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "adapter"), "--out", str(tmp_path / "r")]) == 0
+    for name in ("report.json", "report.md", "energy_by_type.png", "spectra.png", "sparsity_by_precision.png"):
+        assert (tmp_path / "r" / name).is_file(), name
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert data["aggregates"]["unchanged"]["raw"]["0"] == pytest.approx(0.95, abs=0.01)
+    assert data["aggregates"]["median"]["near_zero_lift_raw_q0.1"] > 5  # magnitude mask = the smallest weights
+    main(["compare", str(tmp_path / "r" / "report.json"), str(tmp_path / "r" / "report.json")])
+    assert "FFN energy share" in capsys.readouterr().out
