@@ -243,3 +243,15 @@ def test_mask_given_as_a_file_path_and_as_boolean_tensors(tokens, tmp_path):
         assert {n.removeprefix("base_model.model.") for n in layers} == set(mask.modules())
         for name, layer in layers.items():
             assert torch.equal(layer.sparse_delta_indices["default"], mask[name])
+
+
+@pytest.mark.parametrize("mask_init", ["magnitude", "random"])
+def test_adapters_made_with_mask_init_reload(tokens, tmp_path, mask_init):
+    model = make_model("llama")
+    state = copy.deepcopy(model.state_dict())
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init=mask_init, density=0.1, init_weights=False))
+    expected = peft_model(tokens).logits
+    peft_model.save_pretrained(tmp_path)
+    fresh = make_model("llama")
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(PeftModel.from_pretrained(fresh, tmp_path)(tokens).logits, expected, rtol=0, atol=0)

@@ -123,7 +123,7 @@ class SparseDeltaModel(BaseTuner):
             raise ValueError("SparseDeltaConfig has neither a mask, mask_init nor module_counts")
         config.module_counts = {n: int(v[0]) if isinstance(v, tuple) else int(v.numel()) for n, v in resolved.items()}
         config.module_shapes = {n: list(_stored_shape(candidates[n])) for n in resolved if n in candidates}
-        if config.mask is None and config.mask_init is not None:
+        if config.mask is None and config.mask_init is not None and all(torch.is_tensor(v) for v in resolved.values()):
             # Keep the drawn mask on the config (same storage as the layers' buffers, not serialized) so that reusing
             # this config object adapts another model with the same coordinates.
             config.mask = SparseMask(resolved, {n: tuple(config.module_shapes[n]) for n in resolved})
