@@ -136,3 +136,15 @@ def test_cli_analyze_and_compare_write_reports_and_plots(tmp_path, capsys):
     assert data["aggregates"]["median"]["near_zero_lift_raw_q0.1"] > 5  # magnitude mask = the smallest weights
     main(["compare", str(tmp_path / "r" / "report.json"), str(tmp_path / "r" / "report.json")])
     assert "FFN energy share" in capsys.readouterr().out
+
+
+def test_gram_route_matches_lapack_for_large_matrices(monkeypatch):
+    monkeypatch.setattr(M, "GRAM_ABOVE", 100)
+    d = torch.randn(300, 40, generator=GEN) @ torch.diag(torch.logspace(0, -2, 40))
+    torch.testing.assert_close(M.singular_values(d), torch.linalg.svdvals(d.double()), rtol=1e-5, atol=1e-9)
+    u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+    for w in (d, d.T):
+        ur, vr = M.top_singular_subspaces(w, 5)
+        ref_u, ref_v = (u, vh.T) if w is d else (vh.T, u)
+        assert (ur.T @ ref_u[:, :5]).abs().diag().min() > 0.999
+        assert (vr.T @ ref_v[:, :5]).abs().diag().min() > 0.999

@@ -24,7 +24,7 @@ def _check_pair(w: torch.Tensor, d: torch.Tensor) -> None:
 def relative_norm(w: torch.Tensor, d: torch.Tensor) -> float:
     """``||D||_F / ||W||_F``."""
     _check_pair(w, d)
-    return float(d.double().norm() / w.double().norm())
+    return float(torch.linalg.vector_norm(d, dtype=torch.float64) / torch.linalg.vector_norm(w, dtype=torch.float64))
 
 
 def fraction_unchanged(d: torch.Tensor, taus=TAUS) -> dict[float, float]:
@@ -33,9 +33,45 @@ def fraction_unchanged(d: torch.Tensor, taus=TAUS) -> dict[float, float]:
     return {tau: float((a <= tau).double().mean()) for tau in taus}
 
 
+GRAM_ABOVE = 1 << 22  # entries; larger matrices go through a float64 Gram matrix of the smaller side
+
+
+def _gram(x: torch.Tensor, block_rows: int = 1 << 14) -> torch.Tensor:
+    """``X^T X`` in float64 for ``X`` (m, n) with ``m >= n``, accumulated over row blocks (bounded transients)."""
+    g = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for r0 in range(0, x.shape[0], block_rows):
+        block = x[r0 : r0 + block_rows].double()
+        g += block.T @ block
+    return g
+
+
 def singular_values(d: torch.Tensor) -> torch.Tensor:
-    """All singular values of ``D`` (float64 on the tensor's device), descending."""
-    return torch.linalg.svdvals(d.double())
+    """All singular values of ``D`` (float64), descending.
+
+    Small matrices: LAPACK on the float32 matrix. Above ``GRAM_ABOVE`` entries: ``sqrt(eig(G))`` of the float64 Gram
+    matrix of the smaller side, which never copies ``D`` and resolves ``s_i / s_1`` down to ~1e-7 (enough for the
+    1e-3 rank threshold).
+    """
+    if d.numel() <= GRAM_ABOVE:
+        return torch.linalg.svdvals(d.float()).double()
+    x = d if d.shape[0] >= d.shape[1] else d.T
+    eig = torch.linalg.eigvalsh(_gram(x)).flip(0).clamp_min(0)
+    return eig.sqrt()
+
+
+def top_singular_subspaces(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U_r, V_r)``: the top-``r`` left and right singular vectors of ``W`` (float64).
+
+    From the eigenvectors of the Gram matrix of the smaller side: ``V_r`` = top eigenvectors of ``W^T W`` and
+    ``U_r = W V_r / s_r`` (or the transpose), so no ``m x n`` factor is formed.
+    """
+    tall = w.shape[0] >= w.shape[1]
+    x = w if tall else w.T
+    evals, evecs = torch.linalg.eigh(_gram(x))
+    top = evecs[:, -r:].flip(1)
+    s = evals[-r:].flip(0).clamp_min(1e-300).sqrt()
+    other = torch.cat([(x[i : i + (1 << 14)].double() @ top) for i in range(0, x.shape[0], 1 << 14)]) / s
+    return (other, top) if tall else (top, other)
 
 
 def numerical_rank(s: torch.Tensor, tau: float = 1e-3) -> int:
@@ -68,20 +104,21 @@ def top_k_energy(s: torch.Tensor, ks=TOP_KS) -> dict[int, float]:
 
 
 def subspace_alignment(u: torch.Tensor, v: torch.Tensor, d: torch.Tensor, r: int) -> dict[str, float]:
-    """Share of ``||D||_F^2`` inside the top-``r`` singular subspaces of ``W = U S V^T``.
+    """Share of ``||D||_F^2`` inside the top-``r`` singular subspaces of ``W = U S V^T`` (``u``, ``v``: at least
+    ``r`` leading singular vectors as columns).
 
     left ``||U_r^T D||^2 / ||D||^2``, right ``||D V_r||^2 / ||D||^2``, both ``||U_r^T D V_r||^2 / ||D||^2``; a random
     isotropic delta expects ``r / m``, ``r / n`` and ``r^2 / (m n)``.
     """
-    d = d.double()
-    total = float(d.pow(2).sum())
+    total = float(d.pow(2).sum(dtype=torch.float64))
     m, n = d.shape
-    ur, vr = u[:, :r].double(), v[:, :r].double()
-    left = ur.T @ d
+    ur, vr = u[:, :r].to(d.dtype), v[:, :r].to(d.dtype)
+    left = (ur.T @ d).double()
+    vr64 = vr.double()
     out = {
         "left": float(left.pow(2).sum()) / total if total else 0.0,
-        "right": float((d @ vr).pow(2).sum()) / total if total else 0.0,
-        "both": float((left @ vr).pow(2).sum()) / total if total else 0.0,
+        "right": float((d @ vr).pow(2).sum(dtype=torch.float64)) / total if total else 0.0,
+        "both": float((left @ vr64).pow(2).sum()) / total if total else 0.0,
         "expected_left": r / m,
         "expected_right": r / n,
         "expected_both": r * r / (m * n),
@@ -89,18 +126,24 @@ def subspace_alignment(u: torch.Tensor, v: torch.Tensor, d: torch.Tensor, r: int
     return out
 
 
-def near_zero_lift(w: torch.Tensor, changed: torch.Tensor, quantiles=(0.1, 0.25, 0.5)) -> dict[float, float]:
-    """For each ``q``: ``P(|W| <= Q_q(|W|) | changed) / q`` (1 = no bias; >1 = changes favour near-zero weights)."""
+def abs_quantiles(w: torch.Tensor, quantiles=(0.1, 0.25, 0.5)) -> dict[float, float]:
+    """``Q_q(|W|)``: the ``ceil(q * numel)``-th smallest ``|W|`` (a selection, not a sort)."""
     a = w.abs().reshape(-1).float()
+    return {q: float(a.kthvalue(max(1, math.ceil(q * a.numel()))).values) for q in quantiles}
+
+
+def near_zero_lift(w: torch.Tensor, changed: torch.Tensor, quantiles=(0.1, 0.25, 0.5),
+                   thresholds: dict[float, float] | None = None) -> dict[float, float]:
+    """For each ``q``: ``P(|W| <= Q_q(|W|) | changed) / q`` (1 = no bias; >1 = changes favour near-zero weights).
+
+    ``thresholds`` (from `abs_quantiles`) can be passed to score several change sets against one weight.
+    """
     c = changed.reshape(-1)
     if not bool(c.any()):
         return {q: float("nan") for q in quantiles}
-    sorted_a = torch.sort(a).values
-    out = {}
-    for q in quantiles:
-        thr = sorted_a[max(0, math.ceil(q * a.numel()) - 1)]
-        out[q] = float((a[c] <= thr).double().mean()) / q
-    return out
+    thresholds = thresholds or abs_quantiles(w, quantiles)
+    a = w.abs().reshape(-1).float()[c]
+    return {q: float((a <= thresholds[q]).double().mean()) / q for q in quantiles}
 
 
 def bf16_visible(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -118,6 +161,8 @@ def bf16_step(w: torch.Tensor) -> torch.Tensor:
 
 def isotropic_like(d: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A Gaussian random matrix with the same shape and Frobenius norm as ``D`` (the null model)."""
-    g = torch.randn(d.shape, generator=generator, dtype=torch.float64)
-    norm = d.double().norm()
-    return (g * (norm / g.norm())).to(d.dtype) if norm > 0 else torch.zeros_like(d)
+    g = torch.randn(d.shape, generator=generator, dtype=torch.float32)
+    norm = torch.linalg.vector_norm(d, dtype=torch.float64)
+    if norm == 0:
+        return torch.zeros_like(d)
+    return g.mul_(float(norm / torch.linalg.vector_norm(g, dtype=torch.float64))).to(d.dtype)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..masks.module_types import block_of, layer_index, module_type
+from ..memory import release_freed_memory
 from . import metrics as M
 from .sources import open_source
 
@@ -29,45 +30,50 @@ def analyze_matrix(name: str, w: torch.Tensor, d: torch.Tensor, rank_fraction: f
     m, n = w.shape
     row = {"name": name, "module_type": module_type(name), "block": block_of(name), "layer": layer_index(name),
            "rows": m, "cols": n, "numel": m * n,
-           "w_energy": float(w.double().pow(2).sum()), "d_energy": float(d.double().pow(2).sum())}
+           "w_energy": float(w.pow(2).sum(dtype=torch.float64)), "d_energy": float(d.pow(2).sum(dtype=torch.float64))}
     row["rel_norm"] = (row["d_energy"] / row["w_energy"]) ** 0.5 if row["w_energy"] else float("nan")
-    visible = M.bf16_visible(w, d)
-    step = M.bf16_step(w)
+    # Sparsity in three precision modes; each full-size intermediate is freed before the next is made.
     for tau, frac in M.fraction_unchanged(d).items():
         row[f"unchanged_raw_{tau:g}"] = frac
+    rms = (row["w_energy"] / (m * n)) ** 0.5
+    row["unchanged_rel_1e-3"] = float((d.abs() <= 1e-3 * rms).sum()) / (m * n)
+    step = M.bf16_step(w)
+    row["unchanged_half_step"] = float((d.abs() < 0.5 * step).sum()) / (m * n)  # below half a bf16 step of W
+    del step
+    visible = M.bf16_visible(w, d)
     for tau, frac in M.fraction_unchanged(visible).items():
         row[f"unchanged_bf16_{tau:g}"] = frac
-    row["unchanged_half_step"] = float((d.abs() < 0.5 * step).double().mean())  # below half a bf16 step of W
-    rms = w.double().pow(2).mean().sqrt()
-    row["unchanged_rel_1e-3"] = float((d.abs().double() <= 1e-3 * rms).double().mean())
+    changed = {"raw": d.abs() > CHANGED_TAU, "bf16": visible != 0}
+    del visible
 
-    gen = torch.Generator().manual_seed(seed)
-    null = M.isotropic_like(d, gen)
-    wd, dd, nd = w.to(device), d.to(device), null.to(device)
-    u, _, vh = torch.linalg.svd(wd, full_matrices=False)
     r = max(1, round(rank_fraction * min(m, n)))
     row["align_r"] = r
-    for label, delta in (("", dd), ("null_", nd)):
-        s = torch.linalg.svdvals(delta.float()).double()
+    u, v = M.top_singular_subspaces(w.to(device), r)
+    gen = torch.Generator().manual_seed(seed)
+    for label in ("", "null_"):
+        delta = d if not label else M.isotropic_like(d, gen)
+        if label:
+            changed["null_bf16"] = M.bf16_visible(w, delta) != 0
+            changed["null_raw"] = delta.abs() > CHANGED_TAU
+        delta = delta.to(device)
+        s = M.singular_values(delta)
         row[f"{label}rank"] = M.numerical_rank(s)
         row[f"{label}rank_ratio"] = row[f"{label}rank"] / min(m, n)
         row[f"{label}stable_rank"] = M.stable_rank(s)
         row[f"{label}effective_rank"] = M.effective_rank(s)
         for k, share in M.top_k_energy(s).items():
             row[f"{label}top{k}_energy"] = share
-        align = M.subspace_alignment(u, vh.T, delta, r)
+        align = M.subspace_alignment(u, v, delta, r)
         for key in ("left", "right", "both"):
             row[f"{label}align_{key}"] = align[key]
         if not label:
             row["spectrum"] = [float(x) for x in s[:64].cpu()]
             for key in ("left", "right", "both"):
                 row[f"expected_align_{key}"] = align[f"expected_{key}"]
-    changed_raw = d.abs() > CHANGED_TAU
-    changed_bf16 = visible != 0
-    null_bf16 = M.bf16_visible(w, null) != 0
-    for label, changed in (("raw", changed_raw), ("bf16", changed_bf16), ("null_bf16", null_bf16),
-                           ("null_raw", null.abs() > CHANGED_TAU)):
-        for q, lift in M.near_zero_lift(w, changed).items():
+        del delta
+    thresholds = M.abs_quantiles(w)
+    for label, mask in changed.items():
+        for q, lift in M.near_zero_lift(w, mask, thresholds=thresholds).items():
             row[f"near_zero_lift_{label}_q{q:g}"] = lift
     return row
 
@@ -163,5 +169,7 @@ def analyze_delta(base, tuned, *, rank_fraction: float = 0.05, seed: int = 0, de
         iterator = tqdm(iterator, total=len(source), desc="analyze", unit="matrix")
     for name, w, d in iterator:
         report.rows.append(analyze_matrix(name.removesuffix(".weight"), w, d, rank_fraction, seed, device))
+        del w, d
+        release_freed_memory()
     report.skipped = list(source.skipped)
     return report

@@ -76,7 +76,10 @@ class CheckpointPair(DeltaSource):
             if w.shape != t.shape:
                 self.skipped.append((name, f"shape {tuple(w.shape)} in the base, {tuple(t.shape)} in the tuned"))
                 continue
-            yield name, w.float(), t.float() - w.float()
+            w = w.float()
+            d = t.float() - w
+            t = None  # drop the tuned tensor before handing out the pair
+            yield name, w, d
 
 
 def _adapter_tensors(adapter_dir: str) -> dict[str, torch.Tensor]:

@@ -8,13 +8,13 @@ below half a bf16 step of ``B`` vanish).
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
+from ..memory import release_freed_memory
 from .checkpoints import CheckpointReader
 from .sparse_mask import SparseMask, normalize_module_name
 
@@ -45,26 +45,6 @@ class DiffReport:
             "empty": self.empty,
             "total_fraction": self.total_fraction,
         }
-
-
-def _malloc_trim():
-    """Return freed heap pages to the OS (glibc only; a no-op elsewhere).
-
-    The loop frees multi-MiB transients while keeping small index tensors; glibc then keeps the freed pages between
-    them, and the process grows by a few MiB per tensor. Trimming after each tensor keeps the peak near one tensor
-    plus the mask (measured in benchmarks/mask_diff_bench.py).
-    """
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
 
 
 def changed_coordinates(base: torch.Tensor, tuned: torch.Tensor, threshold: float, mode: str, precision: str):
@@ -140,7 +120,7 @@ def mask_from_diff(
         module = normalize_module_name(name)
         report.kept[module], report.numel[module] = int(idx.numel()), b.numel()
         del b, t
-        _malloc_trim()
+        release_freed_memory()
         if idx.numel() == 0:
             report.empty.append(module)
             continue
