@@ -92,6 +92,10 @@ class ScriptArguments:
     num_eval: int | None = field(default=None, metadata={"help": "Held-out problems (default: from the preset)."})
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Tokens per evaluation answer."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the evaluation generation."})
+    analyze: bool = field(
+        default=True,
+        metadata={"help": "Run the analyzer on the learned delta at the end (about 40 s for SmolLM2 on the CPU)."},
+    )
     dataset: str | None = field(
         default=None,
         metadata={"help": "Instead of the synthetic task: a Hub dataset id or a local .json/.jsonl file."},
@@ -242,6 +246,12 @@ def report(model, config, args, before, teacher_score, after, started):
     )
     print("learned delta: " + summarize_delta(stats, config.weight_stats_tau))
     print("relative change ||delta||_F / ||W||_F: " + relative_change(layers, stats))
+    if args.analyze:
+        from sparse_opd.analysis import analyze_delta
+
+        analysis = analyze_delta(resolve_model_path(args.model), config.output_dir, progress=False)
+        print("analyzer (sparse-opd analyze BASE ADAPTER for the full report):")
+        print("\n".join("  " + line for line in analysis.summary().splitlines()))
     if config.push_to_hub:
         print(f"pushed to the Hub: {config.hub_model_id or os.path.basename(config.output_dir)}")
     print(f"total time: {time.perf_counter() - started:.0f}s")

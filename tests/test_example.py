@@ -82,6 +82,8 @@ def test_example_runs_and_reports_on_a_tiny_model(example, tiny_model_dir, tmp_p
         "adapter:",
         "learned delta:",
         "relative change ||delta||_F / ||W||_F: ffn ",
+        "analyzer (sparse-opd analyze BASE ADAPTER",
+        "FFN share of update energy:",
     ):
         assert line in out, line
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
