@@ -15,6 +15,7 @@ from sparse_opd import SparseDeltaConfig
 from sparse_opd.tasks import arithmetic_dataset
 from sparse_opd.trainer import (
     BaseWeightsTeacher,
+    DenseOPDTrainer,
     SparseOPDConfig,
     SparseOPDTrainer,
     sparse_delta_layers,
@@ -489,3 +490,44 @@ def test_diff_strategy_trains_exactly_the_coordinates_that_changed(tmp_path, tok
     assert set(layers) == set(changed)
     for name, flat in changed.items():
         assert layers[name].sparse_delta_indices["default"].tolist() == flat
+
+
+def test_dense_opd_trainer_moves_every_weight_against_a_frozen_copy_of_the_start(tmp_path, tokenizer, train_set):
+    student = student_model(tokenizer)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = DenseOPDTrainer(
+        model=student,
+        args=make_args(tmp_path, mask_strategy=None, max_steps=2, learning_rate=1e-3),
+        train_dataset=train_set,
+        processing_class=tokenizer,
+    )
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    assert teacher is not student and not any(p.requires_grad for p in teacher.parameters())
+    trainer.train()
+    moved = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, start[k])]
+    assert any("mlp" in k for k in moved) and any("self_attn" in k for k in moved)
+    assert all(torch.equal(v, start[k]) for k, v in teacher.state_dict().items())
+
+
+def test_dense_opd_trainer_with_lora_uses_the_disabled_adapter_as_teacher(tmp_path, tokenizer, train_set):
+    from peft import LoraConfig
+
+    trainer = DenseOPDTrainer(
+        model=student_model(tokenizer),
+        args=make_args(tmp_path, mask_strategy=None, max_steps=2, learning_rate=1e-2),
+        train_dataset=train_set,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False),
+    )
+    assert isinstance(trainer.teacher_model, BaseWeightsTeacher)
+    batch = fixed_batch(trainer, train_set)
+    assert "teacher_prompt_ids" in batch
+    assert divergence(trainer, batch) > 0  # random-init LoRA: the student differs from its base weights
+    trainer.train()
+    with pytest.raises(ValueError, match="no teacher"):
+        DenseOPDTrainer(
+            model=student_model(tokenizer),
+            args=make_args(tmp_path, mask_strategy=None, teacher_prompt_column=None),
+            train_dataset=train_set,
+            processing_class=tokenizer,
+        )

@@ -296,9 +296,6 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
     @classmethod
     def _probe_mask(cls, model, teacher_model, args, train_dataset, processing_class) -> SparseMask:
         """Run `mask_probe_steps` dense OPD steps with a `ProbeCallback`, take its mask, restore the weights."""
-        if teacher_model is None:
-            # the base-weights teacher of a dense student is a frozen copy of its starting weights
-            teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         probe = ProbeCallback(statistic=args.mask_probe_statistic, target_modules=args.mask_target_modules)
         with tempfile.TemporaryDirectory(prefix="sparse-opd-probe-") as tmp:
@@ -316,7 +313,7 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
                 "log_weight_stats": False,
             }.items():
                 setattr(probe_args, key, value)
-            _DenseProbeTrainer(
+            DenseOPDTrainer(
                 model=model,
                 teacher_model=teacher_model,
                 args=probe_args,
@@ -394,5 +391,30 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
         return getattr(self.accelerator.unwrap_model(self.teacher_model), "config", None)
 
 
-class _DenseProbeTrainer(PrivilegedTeacherMixin, DistillationTrainer):
-    """Full-parameter OPD with the same teacher-context handling, used only by the probe strategy."""
+class DenseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
+    """On-policy distillation of every weight (or of a LoRA / other PEFT adapter) with `SparseOPDTrainer`'s teachers.
+
+    The baseline sparse OPD is measured against, and the way to make the full-OPD checkpoint that
+    `mask_strategy="diff"` reads; the `"probe"` strategy runs it for a few steps. It takes a `SparseOPDConfig`
+    (the mask fields are ignored) and the same teachers: a teacher model, or, without one, the student's own starting
+    weights in the privileged context (a frozen copy for a dense student; the adapter disabled for a PEFT student).
+    """
+
+    _tag_names = ["trl", "distillation", "sparse-opd"]
+    _name = "DenseOPD"
+
+    def __init__(self, model, teacher_model=None, args: SparseOPDConfig | None = None, train_dataset=None,
+                 peft_config: PeftConfig | None = None, **kwargs):
+        if args is None:
+            args = SparseOPDConfig(output_dir="dense-opd-output")
+        if teacher_model is None and args.teacher_model_name_or_path is not None:
+            teacher_model = args.teacher_model_name_or_path
+        SparseOPDTrainer._check_teacher_context(args, teacher_model, train_dataset)
+        if teacher_model is None and peft_config is None and not is_peft_model(model):
+            if isinstance(model, str):
+                model = SparseOPDTrainer._load_student(model, args, kwargs.get("quantization_config"))
+            teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
+        super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset,
+                         peft_config=peft_config, **kwargs)
+        if self.teacher_model is None:
+            self.teacher_model = BaseWeightsTeacher(self.model)
