@@ -134,8 +134,14 @@ def test_cli_analyze_and_compare_write_reports_and_plots(tmp_path, capsys):
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert data["aggregates"]["unchanged"]["raw"]["0"] == pytest.approx(0.95, abs=0.01)
     assert data["aggregates"]["median"]["near_zero_lift_raw_q0.1"] > 5  # magnitude mask = the smallest weights
+    assert "Source-subspace alignment by subspace size" in (tmp_path / "r" / "report.md").read_text()
     main(["compare", str(tmp_path / "r" / "report.json"), str(tmp_path / "r" / "report.json")])
     assert "FFN energy share" in capsys.readouterr().out
+    main(["overlap", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "adapter"), "--threshold", "0",
+          "--json", str(tmp_path / "overlap.json")])
+    total = json.loads((tmp_path / "overlap.json").read_text())["total"]
+    assert total["intersection"] == total["size_a"] == total["size_b"] > 0
+    assert "| total |" in capsys.readouterr().out
 
 
 def test_gram_route_matches_lapack_for_large_matrices(monkeypatch):
@@ -148,3 +154,67 @@ def test_gram_route_matches_lapack_for_large_matrices(monkeypatch):
         ref_u, ref_v = (u, vh.T) if w is d else (vh.T, u)
         assert (ur.T @ ref_u[:, :5]).abs().diag().min() > 0.999
         assert (vr.T @ ref_v[:, :5]).abs().diag().min() > 0.999
+
+
+def test_alignment_sweep_matches_single_r_and_saturates_inside_the_subspace():
+    w = _w(96, 80)
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    d = u[:, :8] @ torch.randn(8, 8, generator=GEN) @ vh[:8]  # inside the top-8 subspaces
+    sweep = M.alignment_sweep(u, vh.T, d, [1, 4, 8, 20])
+    for r in (1, 4, 8, 20):
+        single = M.subspace_alignment(u, vh.T, d, r)
+        assert sweep[r] == pytest.approx(single)
+    assert sweep[8]["both"] == pytest.approx(1.0) and sweep[20]["both"] == pytest.approx(1.0)
+    assert sweep[1]["both"] < sweep[4]["both"] < 1.0
+    row = analyze_matrix("model.layers.0.mlp.up_proj", w, d * 1e-3)
+    assert row["align_both_f0.1"] == pytest.approx(1.0)  # r = 8 = 0.1 * 80
+    assert row["expected_align_both_f0.25"] == pytest.approx(20 * 20 / (96 * 80))
+
+
+def test_numerical_rank_at_several_thresholds():
+    u, _ = torch.linalg.qr(torch.randn(64, 4, generator=GEN))
+    v, _ = torch.linalg.qr(torch.randn(48, 4, generator=GEN))
+    d = u @ torch.diag(torch.tensor([1.0, 3e-3, 3e-4, 3e-5])) @ v.T  # one singular value per decade
+    row = analyze_matrix("model.layers.0.mlp.up_proj", _w(), d)
+    assert [row[f"rank_ratio_tau{t:g}"] * 48 for t in M.RANK_TAUS] == pytest.approx([1, 2, 3, 4])
+
+
+def _planted(base, rows, value):
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["model.layers.0.mlp.up_proj.weight"][rows] += value
+    return tuned
+
+
+def test_delta_overlap_counts_shared_changes_against_the_random_expectation(tmp_path):
+    from sparse_opd.analysis import delta_overlap, overlap_markdown
+
+    base = {"model.layers.0.mlp.up_proj.weight": torch.ones(8, 10),
+            "model.layers.0.self_attn.q_proj.weight": torch.ones(10, 10)}
+    a = _planted(base, slice(0, 4), 1e-2)  # rows 0-3 changed: 40 entries
+    b = _planted(base, slice(2, 6), 1e-2)  # rows 2-5: 40 entries, 20 shared
+    result = delta_overlap(base, a, b)
+    total = result["total"]
+    assert (total.size_a, total.size_b, total.intersection) == (40, 40, 20)
+    assert total.expected_intersection == pytest.approx(40 * 40 / 80)
+    assert total.jaccard == pytest.approx(20 / 60) and result["by_block"]["ffn"].intersection == 20
+    assert "| total | 40 | 40 | 20 |" in overlap_markdown(result)
+    # 1e-4 on weights of 1.0 is below half a bf16 step (2^-8): changed as stored, invisible in bf16
+    tiny = _planted(base, slice(0, 4), 1e-4)
+    assert delta_overlap(base, tiny, b)["total"].size_a == 40
+    assert delta_overlap(base, tiny, b, precision="bf16")["total"].size_a == 0
+    with pytest.raises(ValueError, match="precision"):
+        delta_overlap(base, a, b, precision="fp8")
+
+
+def test_delta_overlap_of_an_adapter_and_its_merged_checkpoint_is_total(tmp_path):
+    from sparse_opd.analysis import delta_overlap
+
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="random", density=0.05, init_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = _state(peft_model.merge_and_unload())
+    result = delta_overlap(tmp_path / "base", tmp_path / "adapter", merged, threshold=0.0)
+    total = result["total"]
+    assert total.size_a > 0 and total.intersection == total.size_a
+    assert total.jaccard_lift > 10

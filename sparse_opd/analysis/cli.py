@@ -1,4 +1,5 @@
-"""`sparse-opd analyze BASE TUNED_OR_ADAPTER --out DIR` and `sparse-opd compare REPORT.json ... --out FILE.md`."""
+"""`sparse-opd analyze BASE TUNED_OR_ADAPTER --out DIR`, `sparse-opd compare REPORT.json ... --out FILE.md` and
+`sparse-opd overlap BASE A B`."""
 
 from __future__ import annotations
 
@@ -36,6 +37,23 @@ def _compare(args):
     print(text)
 
 
+def _overlap(args):
+    from .overlap import delta_overlap, overlap_markdown
+
+    result = delta_overlap(args.base, args.a, args.b, threshold=args.threshold, precision=args.precision)
+    print(overlap_markdown(result, "A", "B"))
+    if result["skipped"]:
+        print(f"skipped {len(result['skipped'])} tensor(s): " + ", ".join(n for n, _ in result["skipped"][:10]))
+    if args.json:
+        out = {"threshold": args.threshold, "precision": args.precision, "a": args.a, "b": args.b,
+               "total": result["total"].to_dict(),
+               "by_block": {k: v.to_dict() for k, v in result["by_block"].items()},
+               "modules": {k: v.to_dict() for k, v in result["modules"].items()},
+               "skipped": [{"name": n, "reason": r} for n, r in result["skipped"]]}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("analyze", help="geometry of a weight delta (checkpoint pair or base + PEFT adapter)")
     p.add_argument("base", help="base checkpoint (file, directory, Hub id)")
@@ -48,3 +66,12 @@ def register(subparsers) -> None:
     p.add_argument("reports", nargs="+")
     p.add_argument("--out", help="also write the Markdown table here")
     p.set_defaults(func=_compare)
+    p = subparsers.add_parser("overlap", help="where two deltas of the same base change the same coordinates")
+    p.add_argument("base", help="base checkpoint (file, directory, Hub id)")
+    p.add_argument("a", help="first tuned checkpoint or PEFT adapter directory")
+    p.add_argument("b", help="second tuned checkpoint or PEFT adapter directory")
+    p.add_argument("--threshold", type=float, default=1e-5, help="|delta| above which an entry counts as changed")
+    p.add_argument("--precision", choices=("raw", "bf16"), default="raw",
+                   help="'raw' (as stored) or 'bf16' (what two bf16 checkpoints would show)")
+    p.add_argument("--json", help="also write the per-module result here")
+    p.set_defaults(func=_overlap)

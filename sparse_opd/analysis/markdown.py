@@ -19,6 +19,15 @@ def report_markdown(report) -> str:
     lines += ["", f"Entries whose update is below half a bf16 step of W: {a['unchanged_half_step']:.4f}", "",
               "## Medians beside their nulls", "", "| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in a["median"].items()]
+    lines += ["", "## Numerical rank ratio by threshold (median; rank = #{s_i > tau s_1} / min(m, n))", "",
+              "| tau | delta | null |", "|---:|---:|---:|"]
+    lines += [f"| {t} | {v['delta']:.3f} | {v['null']:.3f} |" for t, v in a["rank_ratio_by_tau"].items()]
+    lines += ["", "## Source-subspace alignment by subspace size (median energy share; r = fraction x min(m, n))", "",
+              "| fraction | both | null | random expectation | left | null | expected | right | null | expected |",
+              "|---:|" + "---:|" * 9]
+    for f, v in a["alignment_by_fraction"].items():
+        cells = [v[f"{who}{key}"] for key in ("both", "left", "right") for who in ("", "null_", "expected_")]
+        lines.append(f"| {f} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
     for key, title in (("by_block", "block"), ("by_type", "module type"), ("by_layer", "layer")):
         lines += ["", f"## Energy by {title}", "", f"| {title} | energy share | relative norm |", "|---|---:|---:|"]
         lines += [f"| {g} | {v['energy_share']:.3f} | {v['rel_norm']:.3e} |" for g, v in a[key].items()]

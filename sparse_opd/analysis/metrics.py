@@ -12,6 +12,8 @@ import torch
 
 TAUS = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
 TOP_KS = (1, 2, 4, 8, 16, 32, 64)
+RANK_TAUS = (1e-2, 1e-3, 1e-4, 1e-5)  # numerical rank: s_i > tau * s_1
+ALIGN_FRACTIONS = (0.01, 0.05, 0.1, 0.25)  # source subspace size r as a fraction of min(m, n)
 
 
 def _check_pair(w: torch.Tensor, d: torch.Tensor) -> None:
@@ -110,19 +112,25 @@ def subspace_alignment(u: torch.Tensor, v: torch.Tensor, d: torch.Tensor, r: int
     left ``||U_r^T D||^2 / ||D||^2``, right ``||D V_r||^2 / ||D||^2``, both ``||U_r^T D V_r||^2 / ||D||^2``; a random
     isotropic delta expects ``r / m``, ``r / n`` and ``r^2 / (m n)``.
     """
+    return alignment_sweep(u, v, d, [r])[r]
+
+
+def alignment_sweep(u: torch.Tensor, v: torch.Tensor, d: torch.Tensor, ranks) -> dict[int, dict[str, float]]:
+    """`subspace_alignment` for several ``r`` at the cost of one: ``D`` is projected once onto the largest subspace
+    and every smaller ``r`` reads a leading block of the projections."""
     total = float(d.pow(2).sum(dtype=torch.float64))
     m, n = d.shape
-    ur, vr = u[:, :r].to(d.dtype), v[:, :r].to(d.dtype)
-    left = (ur.T @ d).double()
-    vr64 = vr.double()
-    out = {
-        "left": float(left.pow(2).sum()) / total if total else 0.0,
-        "right": float((d @ vr).pow(2).sum(dtype=torch.float64)) / total if total else 0.0,
-        "both": float((left @ vr64).pow(2).sum()) / total if total else 0.0,
-        "expected_left": r / m,
-        "expected_right": r / n,
-        "expected_both": r * r / (m * n),
-    }
+    r_max = max(ranks)
+    u_max, v_max = u[:, :r_max].to(d.dtype), v[:, :r_max].to(d.dtype)
+    left = (u_max.T @ d).double()  # (r_max, n)
+    left_rows = left.pow(2).sum(1).cumsum(0)
+    right_cols = (d @ v_max).double().pow(2).sum(0).cumsum(0)
+    both = (left @ v_max.double()).pow(2)  # (r_max, r_max)
+    out = {}
+    for r in ranks:
+        shares = (float(left_rows[r - 1]), float(right_cols[r - 1]), float(both[:r, :r].sum()))
+        out[r] = {key: value / total if total else 0.0 for key, value in zip(("left", "right", "both"), shares)}
+        out[r].update(expected_left=r / m, expected_right=r / n, expected_both=r * r / (m * n))
     return out
 
 

@@ -48,7 +48,9 @@ def analyze_matrix(name: str, w: torch.Tensor, d: torch.Tensor, rank_fraction: f
 
     r = max(1, round(rank_fraction * min(m, n)))
     row["align_r"] = r
-    u, v = M.top_singular_subspaces(w.to(device), r)
+    sweep = {f: max(1, round(f * min(m, n))) for f in M.ALIGN_FRACTIONS}
+    ranks = sorted({r, *sweep.values()})
+    u, v = M.top_singular_subspaces(w.to(device), max(ranks))
     gen = torch.Generator().manual_seed(seed)
     for label in ("", "null_"):
         delta = d if not label else M.isotropic_like(d, gen)
@@ -59,18 +61,25 @@ def analyze_matrix(name: str, w: torch.Tensor, d: torch.Tensor, rank_fraction: f
         s = M.singular_values(delta)
         row[f"{label}rank"] = M.numerical_rank(s)
         row[f"{label}rank_ratio"] = row[f"{label}rank"] / min(m, n)
+        for tau in M.RANK_TAUS:
+            row[f"{label}rank_ratio_tau{tau:g}"] = M.numerical_rank(s, tau) / min(m, n)
         row[f"{label}stable_rank"] = M.stable_rank(s)
         row[f"{label}effective_rank"] = M.effective_rank(s)
         for k, share in M.top_k_energy(s).items():
             row[f"{label}top{k}_energy"] = share
-        align = M.subspace_alignment(u, v, delta, r)
+        aligns = M.alignment_sweep(u, v, delta, ranks)
         for key in ("left", "right", "both"):
-            row[f"{label}align_{key}"] = align[key]
+            row[f"{label}align_{key}"] = aligns[r][key]
+            for fraction, rf in sweep.items():
+                row[f"{label}align_{key}_f{fraction:g}"] = aligns[rf][key]
         if not label:
             row["spectrum"] = [float(x) for x in s[:64].cpu()]
             for key in ("left", "right", "both"):
-                row[f"expected_align_{key}"] = align[f"expected_{key}"]
+                row[f"expected_align_{key}"] = aligns[r][f"expected_{key}"]
+                for fraction, rf in sweep.items():
+                    row[f"expected_align_{key}_f{fraction:g}"] = aligns[rf][f"expected_{key}"]
         del delta
+    del u, v
     thresholds = M.abs_quantiles(w)
     for label, mask in changed.items():
         for q, lift in M.near_zero_lift(w, mask, thresholds=thresholds).items():
@@ -113,6 +122,13 @@ class DeltaReport:
                                             "align_both", "null_align_both", "expected_align_both",
                                             "near_zero_lift_raw_q0.1", "near_zero_lift_bf16_q0.1",
                                             "near_zero_lift_null_bf16_q0.1")},
+            "rank_ratio_by_tau": {f"{tau:g}": {"delta": med(f"rank_ratio_tau{tau:g}"),
+                                               "null": med(f"null_rank_ratio_tau{tau:g}")} for tau in M.RANK_TAUS},
+            "alignment_by_fraction": {
+                f"{f:g}": {f"{who}{key}": med(f"{prefix}align_{key}_f{f:g}")
+                           for who, prefix in (("", ""), ("null_", "null_"), ("expected_", "expected_"))
+                           for key in ("left", "right", "both")}
+                for f in M.ALIGN_FRACTIONS},
             "by_block": self._group("block"),
             "by_type": self._group("module_type"),
             "by_layer": self._group("layer"),

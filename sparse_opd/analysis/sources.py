@@ -47,6 +47,13 @@ class DeltaSource:
     def __len__(self) -> int:
         raise NotImplementedError
 
+    def names(self) -> list[str]:
+        """Tensor names in iteration order (some may still be skipped when read)."""
+        raise NotImplementedError
+
+    def pair(self, name: str):
+        raise NotImplementedError
+
 
 class CheckpointPair(DeltaSource):
     """``D = W_tuned - W_base`` for every 2-D float tensor present in both (checkpoints or state dicts)."""
@@ -65,21 +72,29 @@ class CheckpointPair(DeltaSource):
     def __len__(self) -> int:
         return len(self._names)
 
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def pair(self, name: str):
+        """``(W_base, D)`` of one tensor as float32, or ``None`` (recorded in ``skipped``) if it is not analyzable."""
+        w, t = self.base.get(name), self.tuned.get(name)
+        if w.dim() != 2:
+            return None  # biases, norms, scalars: not matrices
+        if not (w.is_floating_point() and t.is_floating_point()):
+            self.skipped.append((name, f"not floating point ({w.dtype}, {t.dtype})"))
+            return None
+        if w.shape != t.shape:
+            self.skipped.append((name, f"shape {tuple(w.shape)} in the base, {tuple(t.shape)} in the tuned"))
+            return None
+        w = w.float()
+        return w, t.float() - w
+
     def __iter__(self):
         for name in self._names:
-            w, t = self.base.get(name), self.tuned.get(name)
-            if w.dim() != 2:
-                continue  # biases, norms, scalars: not matrices
-            if not (w.is_floating_point() and t.is_floating_point()):
-                self.skipped.append((name, f"not floating point ({w.dtype}, {t.dtype})"))
-                continue
-            if w.shape != t.shape:
-                self.skipped.append((name, f"shape {tuple(w.shape)} in the base, {tuple(t.shape)} in the tuned"))
-                continue
-            w = w.float()
-            d = t.float() - w
-            t = None  # drop the tuned tensor before handing out the pair
-            yield name, w, d
+            pair = self.pair(name)
+            if pair is not None:
+                yield name, *pair
+            pair = None  # drop the tensors before reading the next pair
 
 
 def _adapter_tensors(adapter_dir: str) -> dict[str, torch.Tensor]:
@@ -134,22 +149,31 @@ class AdapterDeltas(DeltaSource):
         delta = scale * (b @ a)
         return delta.T if self.config.get("fan_in_fan_out") else delta
 
+    def names(self) -> list[str]:
+        return [f"{module}.weight" for module in self.modules]
+
+    def pair(self, name: str):
+        """``(W_base, D)`` of one adapted weight, or ``None`` (recorded in ``skipped``) if it cannot be built."""
+        if name not in self.base:
+            self.skipped.append((name, "adapted module has no weight in the base checkpoint"))
+            return None
+        w = self.base.get(name).float()
+        try:
+            d = self._delta(name.removesuffix(".weight"), tuple(w.shape))
+        except (ValueError, RuntimeError) as err:
+            self.skipped.append((name, f"cannot build the delta: {err}"))
+            return None
+        if d.shape != w.shape:
+            self.skipped.append((name, f"delta shape {tuple(d.shape)} != weight shape {tuple(w.shape)}"))
+            return None
+        return w, d
+
     def __iter__(self):
-        for module in self.modules:
-            name = f"{module}.weight"
-            if name not in self.base:
-                self.skipped.append((name, "adapted module has no weight in the base checkpoint"))
-                continue
-            w = self.base.get(name).float()
-            try:
-                d = self._delta(module, tuple(w.shape))
-            except (ValueError, RuntimeError) as err:
-                self.skipped.append((name, f"cannot build the delta: {err}"))
-                continue
-            if d.shape != w.shape:
-                self.skipped.append((name, f"delta shape {tuple(d.shape)} != weight shape {tuple(w.shape)}"))
-                continue
-            yield name, w, d
+        for name in self.names():
+            pair = self.pair(name)
+            if pair is not None:
+                yield name, *pair
+            pair = None
 
 
 def open_source(base, tuned) -> DeltaSource:

@@ -86,7 +86,7 @@ class Overlap:
         return out
 
 
-def _overlap_from_counts(a: int, b: int, i: int, expected: float) -> Overlap:
+def overlap_from_counts(a: int, b: int, i: int, expected: float) -> Overlap:
     def ratio(x, y):
         return x / y if y else float("nan")
 
@@ -109,7 +109,7 @@ def mask_overlap(a: SparseMask, b: SparseMask) -> dict:
         size_a, size_b = a.count(name), b.count(name)
         inter = int(torch.isin(a[name], b[name]).sum())
         expected = size_a * size_b / a.numel(name)
-        per_module[name] = _overlap_from_counts(size_a, size_b, inter, expected)
+        per_module[name] = overlap_from_counts(size_a, size_b, inter, expected)
         for k, v in enumerate((size_a, size_b, inter, expected)):
             totals[k] += v
-    return {"total": _overlap_from_counts(*totals[:3], totals[3]), "modules": per_module}
+    return {"total": overlap_from_counts(*totals[:3], totals[3]), "modules": per_module}
