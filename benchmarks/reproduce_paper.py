@@ -1,0 +1,412 @@
+"""Reproduce "Dense Supervision, Sparse Updates" on the embedded SmolLM2-135M-Instruct, stage by stage.
+
+    python benchmarks/reproduce_paper.py all                 # every stage in order, skipping finished ones
+    python benchmarks/reproduce_paper.py full --seed 0       # one stage (see `--help`)
+    python benchmarks/reproduce_paper.py report              # print the tables from the finished stages
+
+The student is trained by on-policy context distillation on the level-1 synthetic arithmetic task (the teacher is its
+own base weights shown the reference solution, as in `examples/opd_math.py`). Stages, each in its own process so that
+its peak RSS is its own, each writing `OUT/<run>/result.json` (finished stages are skipped on a rerun):
+
+- `base`: held-out accuracy of the student and of the teacher;
+- `full --seed S`: full-parameter OPD (AdamW), the merged checkpoint saved for the analyzer and the diff mask;
+- `analyze`: the analyzer on full OPD's delta (all precision modes, nulls), report.json / report.md / plots;
+- `masks`: the diff mask (coordinates whose bf16 value changed), per-module matched random and near-zero masks;
+- `overlap`: the overlap of the two seeds' changed coordinates against random expectations;
+- `sparse --mask M --optim O`: retrain from the base on mask M (diff, random, near_zero, probe) with AdamW, SGD or
+  momentum SGD;
+- `lora`: LoRA on every linear layer with about the diff mask's trainable count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+STEPS = 24
+BATCH = 8
+COMPLETION = 48
+FULL_LR = 2e-5  # AdamW, full OPD and every mask retrain (same per-coordinate step size)
+LORA_LR = 2e-4  # LoRA's usual ~10x the full fine-tuning rate
+SGD_LR = {"sgd": 0.1, "sgd_momentum": 0.01}  # comparable first-step update norms (see the logged update_norm)
+NUM_TRAIN = 2000
+NUM_EVAL = 200
+EVAL_TOKENS = 80
+SEEDS = (0, 1)
+if os.environ.get("REPRO_SMOKE"):  # a minutes-long pass through every stage that checks the plumbing
+    STEPS, BATCH, COMPLETION, NUM_EVAL, EVAL_TOKENS = 1, 2, 8, 4, 8
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def run_dir(out, name):
+    path = os.path.join(out, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def done(out, name):
+    return os.path.exists(os.path.join(out, name, "result.json"))
+
+
+def save_result(out, name, result):
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open(os.path.join(run_dir(out, name), "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "correct"}, indent=1))
+
+
+def load_result(out, name):
+    with open(os.path.join(out, name, "result.json")) as f:
+        return json.load(f)
+
+
+def base_path():
+    from sparse_opd.models import resolve_model_path
+
+    return resolve_model_path("embedded")
+
+
+def load_student():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = base_path()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(
+        path, padding_side="left"
+    )
+
+
+def datasets():
+    from sparse_opd.tasks import arithmetic_dataset
+
+    return arithmetic_dataset("train", NUM_TRAIN, 1), arithmetic_dataset("test", NUM_EVAL, 1)
+
+
+def opd_args(out_dir, seed, learning_rate, **overrides):
+    from sparse_opd.trainer import SparseOPDConfig
+
+    fields = dict(
+        output_dir=out_dir,
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        max_completion_length=COMPLETION,
+        learning_rate=learning_rate,
+        beta=1.0,
+        temperature=1.0,
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=min(4, STEPS),
+        dataloader_num_workers=0,
+    )
+    fields.update(overrides)
+    return SparseOPDConfig(**fields)
+
+
+def score(model, tokenizer, test, prompt_column="prompt"):
+    from sparse_opd.tasks import evaluate_model
+    from sparse_opd.tasks.answers import is_correct
+
+    result = evaluate_model(model, tokenizer, test, prompt_column=prompt_column, max_new_tokens=EVAL_TOKENS)
+    correct = [int(is_correct(c, a)) for c, a in zip(result.completions, test["answer"])]
+    return {
+        "accuracy": result.accuracy,
+        "stderr": result.stderr,
+        "format_error_rate": result.format_error_rate,
+        "eval_seconds": result.seconds,
+        "correct": correct,
+    }
+
+
+def train_and_score(trainer, tokenizer, test):
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    result = score(trainer.model, tokenizer, test)
+    result.update(train_seconds=seconds, final_loss=logs[-1]["loss"], log_history=logs)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------- stages
+def stage_base(out, _):
+    student, tokenizer = load_student()
+    _, test = datasets()
+    result = {"student": score(student, tokenizer, test), "teacher": score(student, tokenizer, test, "teacher_prompt")}
+    save_result(out, "base", result)
+
+
+def stage_full(out, args):
+    from sparse_opd.trainer import DenseOPDTrainer
+
+    name = f"full_seed{args.seed}"
+    student, tokenizer = load_student()
+    train, test = datasets()
+    trainer = DenseOPDTrainer(
+        model=student,
+        args=opd_args(run_dir(out, name), args.seed, FULL_LR),
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
+    result = train_and_score(trainer, tokenizer, test)
+    trainer.model.save_pretrained(os.path.join(out, name, "model"))  # fp32, for the analyzer and the diff mask
+    tokenizer.save_pretrained(os.path.join(out, name, "model"))
+    result.update(trainable=sum(p.numel() for p in student.parameters() if p.requires_grad), learning_rate=FULL_LR)
+    save_result(out, name, result)
+
+
+def stage_analyze(out, _):
+    from sparse_opd.analysis import analyze_delta
+    from sparse_opd.analysis.plots import write_plots
+
+    target = run_dir(out, "analysis")
+    start = time.perf_counter()
+    report = analyze_delta(base_path(), os.path.join(out, "full_seed0", "model"), progress=False)
+    report.to_json(os.path.join(target, "report.json"))
+    with open(os.path.join(target, "report.md"), "w") as f:
+        f.write(report.to_markdown())
+    write_plots(report.to_dict(), target)
+    print(report.summary())
+    save_result(out, "analysis", {"seconds": time.perf_counter() - start, "summary": report.summary()})
+
+
+def diff_mask(out, seed):
+    from sparse_opd.masks import SparseMask
+
+    # What a bf16 checkpoint of full OPD would show: the coordinates whose bf16 value changed.
+    return SparseMask.from_diff(
+        base_path(), os.path.join(out, f"full_seed{seed}", "model"), mode="changed", precision="bf16"
+    )
+
+
+def matched_masks(diff, student, seed=0):
+    """Random and smallest-|W| masks with the diff mask's count in every module."""
+    from sparse_opd.masks import SparseMask
+
+    weights = dict(student.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    random_idx, near_zero_idx = {}, {}
+    for name in diff.modules():
+        count, numel = diff.count(name), diff.numel(name)
+        random_idx[name] = torch.randperm(numel, generator=gen)[:count].sort().values
+        magnitude = weights[f"{name}.weight"].detach().abs().reshape(-1)
+        near_zero_idx[name] = torch.topk(magnitude, count, largest=False).indices.sort().values
+    return SparseMask(random_idx, diff.shapes), SparseMask(near_zero_idx, diff.shapes)
+
+
+def stage_masks(out, _):
+    from sparse_opd.masks import mask_overlap
+
+    student, _ = load_student()
+    masks_dir = run_dir(out, "masks")
+    diff = diff_mask(out, 0)
+    random, near_zero = matched_masks(diff, student)
+    for name, mask in (("diff", diff), ("random", random), ("near_zero", near_zero)):
+        mask.save(os.path.join(masks_dir, f"{name}.safetensors"))
+    targeted = sum(diff.numel(n) for n in diff.modules())
+    result = {
+        "budget": diff.count(),
+        "targeted": targeted,
+        "density": diff.count() / targeted,
+        "diff_vs_near_zero": mask_overlap(diff, near_zero)["total"].to_dict(),
+        "diff_vs_random": mask_overlap(diff, random)["total"].to_dict(),
+    }
+    save_result(out, "masks", result)
+
+
+def stage_overlap(out, _):
+    """Overlap of the two seeds' changed coordinates, as bf16 checkpoints would show them and as stored."""
+    from sparse_opd.analysis import delta_overlap
+
+    seeds = [os.path.join(out, f"full_seed{s}", "model") for s in SEEDS]
+    result = {}
+    for precision, threshold in (("bf16", 0.0), ("raw", 1e-5), ("raw", 1e-4)):
+        overlap = delta_overlap(base_path(), *seeds, threshold=threshold, precision=precision)
+        result[f"{precision}_{threshold:g}"] = {
+            "total": overlap["total"].to_dict(),
+            "by_block": {k: v.to_dict() for k, v in overlap["by_block"].items()},
+        }
+    save_result(out, "overlap", result)
+
+
+def stage_sparse(out, args):
+    from peft import get_peft_model
+
+    from sparse_opd import SparseDeltaConfig
+    from sparse_opd.masks import SparseMask
+    from sparse_opd.trainer import SparseOPDTrainer
+
+    name = f"sparse_{args.mask}_{args.optim}"
+    student, tokenizer = load_student()
+    train, test = datasets()
+    budget = load_result(out, "masks")
+    lr = FULL_LR if args.optim == "adamw" else SGD_LR[args.optim]
+    optim = {"adamw": {}, "sgd": {"optim": "sgd"}, "sgd_momentum": {"optim": "sgd", "optim_args": "momentum=0.9"}}
+    config = opd_args(run_dir(out, name), 0, lr, **optim[args.optim])
+    if args.mask == "probe":
+        config.mask_strategy, config.mask_density = "probe", budget["density"]
+        config.mask_probe_learning_rate = FULL_LR
+        model = student
+    else:
+        mask = SparseMask.load(os.path.join(out, "masks", f"{args.mask}.safetensors"))
+        model = get_peft_model(student, SparseDeltaConfig(mask=mask))
+    start = time.perf_counter()
+    trainer = SparseOPDTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+    setup_seconds = time.perf_counter() - start
+    result = train_and_score(trainer, tokenizer, test)
+    trainer.save_model(os.path.join(out, name, "adapter"))
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    result.update(trainable=trainable, learning_rate=lr, setup_seconds=setup_seconds)
+    save_result(out, name, result)
+
+
+def stage_lora(out, args):
+    from peft import LoraConfig
+
+    from sparse_opd.trainer import DenseOPDTrainer
+
+    student, tokenizer = load_student()
+    train, test = datasets()
+    budget = load_result(out, "masks")["budget"]
+    per_rank = sum(
+        m.in_features + m.out_features
+        for n, m in student.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+    )
+    rank = max(1, round(budget / per_rank))
+    trainer = DenseOPDTrainer(
+        model=student,
+        args=opd_args(run_dir(out, "lora"), 0, LORA_LR),
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0),
+    )
+    result = train_and_score(trainer, tokenizer, test)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    result.update(trainable=trainable, rank=rank, learning_rate=LORA_LR)
+    save_result(out, "lora", result)
+
+
+# ----------------------------------------------------------------------------------------------------------- order
+PLAN = [  # most important first: a run cut short still answers the main questions
+    ("base", []),
+    ("full", ["--seed", "0"]),
+    ("analyze", []),
+    ("masks", []),
+    ("sparse", ["--mask", "diff", "--optim", "adamw"]),
+    ("sparse", ["--mask", "random", "--optim", "adamw"]),
+    ("sparse", ["--mask", "near_zero", "--optim", "adamw"]),
+    ("lora", []),
+    ("sparse", ["--mask", "diff", "--optim", "sgd"]),
+    ("full", ["--seed", "1"]),
+    ("overlap", []),
+    ("sparse", ["--mask", "diff", "--optim", "sgd_momentum"]),
+    ("sparse", ["--mask", "probe", "--optim", "adamw"]),
+]
+
+
+def result_name(stage, extra):
+    args = parse([stage, *extra])
+    if stage == "full":
+        return f"full_seed{args.seed}"
+    if stage == "sparse":
+        return f"sparse_{args.mask}_{args.optim}"
+    return {"analyze": "analysis"}.get(stage, stage)
+
+
+def stage_all(out, _):
+    for stage, extra in PLAN:
+        name = result_name(stage, extra)
+        if done(out, name):
+            print(f"== {name}: done", flush=True)
+            continue
+        print(f"== {name}: running", flush=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, __file__, stage, *extra, "--out", out], check=True)
+        print(f"== {name}: {time.perf_counter() - start:.0f}s", flush=True)
+    stage_report(out, None)
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+def paired(a, b):
+    """Difference of accuracies b - a on the same problems, with its paired standard error."""
+    d = [y - x for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
+    return mean, math.sqrt(var / n)
+
+
+def stage_report(out, _):
+    base = load_result(out, "base")
+    before = base["student"]["correct"]
+    rows = [("student (base)", base["student"]), ("teacher (base + solution)", base["teacher"])]
+    names = ["full_seed0", "full_seed1", "sparse_diff_adamw", "sparse_random_adamw", "sparse_near_zero_adamw",
+             "sparse_probe_adamw", "lora", "sparse_diff_sgd", "sparse_diff_sgd_momentum"]
+    rows += [(n, load_result(out, n)) for n in names if done(out, n)]
+    full_gain = None
+    if done(out, "full_seed0"):
+        full_gain = paired(before, load_result(out, "full_seed0")["correct"])[0]
+    print(f"| run | trainable | accuracy | gain vs base (paired SE) | share of full OPD gain | train s | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in rows:
+        gain, se = paired(before, r["correct"])
+        share = f"{100 * gain / full_gain:.0f}%" if full_gain and "trainable" in r else ""
+        print(
+            f"| {name} | {r.get('trainable', ''):,} | {100 * r['accuracy']:.1f}% +/- {100 * r['stderr']:.1f} | "
+            f"{100 * gain:+.1f} +/- {100 * se:.1f} | {share} | {r.get('train_seconds', 0):.0f} | "
+            f"{r.get('peak_rss_mib', 0):.0f} |"
+            if "trainable" in r
+            else f"| {name} |  | {100 * r['accuracy']:.1f}% +/- {100 * r['stderr']:.1f} | "
+            f"{100 * gain:+.1f} +/- {100 * se:.1f} |  |  |  |"
+        )
+    if done(out, "full_seed0"):
+        full = load_result(out, "full_seed0")["correct"]
+        for name, r in rows[3:]:
+            gain, se = paired(full, r["correct"])
+            print(f"{name} - full_seed0: {100 * gain:+.1f} +/- {100 * se:.1f} points (paired)")
+    for name in ("masks", "overlap"):
+        if done(out, name):
+            print(json.dumps(load_result(out, name), indent=1))
+
+
+STAGES = {
+    "base": stage_base,
+    "full": stage_full,
+    "analyze": stage_analyze,
+    "masks": stage_masks,
+    "overlap": stage_overlap,
+    "sparse": stage_sparse,
+    "lora": stage_lora,
+    "all": stage_all,
+    "report": stage_report,
+}
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("--out", default="outputs/reproduction")
+    parser.add_argument("--seed", type=int, default=0, choices=SEEDS)
+    parser.add_argument("--mask", default="diff", choices=["diff", "random", "near_zero", "probe"])
+    parser.add_argument("--optim", default="adamw", choices=["adamw", "sgd", "sgd_momentum"])
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    STAGES[args.stage](args.out, args)
+
+
+if __name__ == "__main__":
+    main()
