@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -152,8 +153,8 @@ def test_gram_route_matches_lapack_for_large_matrices(monkeypatch):
     for w in (d, d.T):
         ur, vr = M.top_singular_subspaces(w, 5)
         ref_u, ref_v = (u, vh.T) if w is d else (vh.T, u)
-        assert (ur.T @ ref_u[:, :5]).abs().diag().min() > 0.999
-        assert (vr.T @ ref_v[:, :5]).abs().diag().min() > 0.999
+        assert (ur.double().T @ ref_u[:, :5]).abs().diag().min() > 0.999
+        assert (vr.double().T @ ref_v[:, :5]).abs().diag().min() > 0.999
 
 
 def test_alignment_sweep_matches_single_r_and_saturates_inside_the_subspace():
@@ -218,3 +219,28 @@ def test_delta_overlap_of_an_adapter_and_its_merged_checkpoint_is_total(tmp_path
     total = result["total"]
     assert total.size_a > 0 and total.intersection == total.size_a
     assert total.jaccard_lift > 10
+
+
+def test_checkpoint_and_state_dict_paths_agree_and_leave_their_inputs_untouched(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(40, 30, generator=GEN)}
+    tuned = {k: v + 1e-3 * torch.randn(v.shape, generator=GEN) for k, v in base.items()}
+    kept = {k: v.clone() for k, v in tuned.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    from_files = analyze_delta(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", progress=False).rows[0]
+    from_dicts = analyze_delta(base, tuned, progress=False).rows[0]
+    assert from_files["d_energy"] == pytest.approx(from_dicts["d_energy"]) and from_files["d_energy"] > 0
+    assert torch.equal(tuned["model.layers.0.mlp.up_proj.weight"], kept["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(load_file(tmp_path / "tuned.safetensors")["model.layers.0.mlp.up_proj.weight"],
+                       kept["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_abs_quantiles_are_exact_order_statistics():
+    w = torch.randn(300, 70, generator=GEN)
+    w[0, :10] = 0.0  # ties and zeros
+    got = M.abs_quantiles(w, (0.001, 0.1, 0.25, 0.5, 1.0))
+    ordered = w.abs().reshape(-1).sort().values
+    for q, value in got.items():
+        assert value == ordered[max(1, math.ceil(q * w.numel())) - 1]

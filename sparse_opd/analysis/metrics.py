@@ -23,10 +23,25 @@ def _check_pair(w: torch.Tensor, d: torch.Tensor) -> None:
         raise TypeError(f"expected floating-point tensors, got {w.dtype} and {d.dtype}")
 
 
+CHUNK_ENTRIES = 1 << 21  # entries per row block of the streaming passes: their transients stay a few MiB
+
+
+def row_blocks(x: torch.Tensor, entries: int = CHUNK_ENTRIES):
+    """Consecutive row blocks of a 2-D tensor holding about ``entries`` entries each (views, not copies)."""
+    rows = max(1, entries // max(1, x.shape[1]))
+    for r0 in range(0, x.shape[0], rows):
+        yield x[r0 : r0 + rows]
+
+
+def energy(x: torch.Tensor) -> float:
+    """``||X||_F^2`` accumulated in float64 over row blocks (no float64 copy of ``X``)."""
+    return sum(float(block.double().pow_(2).sum()) for block in row_blocks(x))
+
+
 def relative_norm(w: torch.Tensor, d: torch.Tensor) -> float:
     """``||D||_F / ||W||_F``."""
     _check_pair(w, d)
-    return float(torch.linalg.vector_norm(d, dtype=torch.float64) / torch.linalg.vector_norm(w, dtype=torch.float64))
+    return (energy(d) / energy(w)) ** 0.5
 
 
 def fraction_unchanged(d: torch.Tensor, taus=TAUS) -> dict[float, float]:
@@ -38,12 +53,12 @@ def fraction_unchanged(d: torch.Tensor, taus=TAUS) -> dict[float, float]:
 GRAM_ABOVE = 1 << 22  # entries; larger matrices go through a float64 Gram matrix of the smaller side
 
 
-def _gram(x: torch.Tensor, block_rows: int = 1 << 14) -> torch.Tensor:
+def _gram(x: torch.Tensor) -> torch.Tensor:
     """``X^T X`` in float64 for ``X`` (m, n) with ``m >= n``, accumulated over row blocks (bounded transients)."""
     g = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-    for r0 in range(0, x.shape[0], block_rows):
-        block = x[r0 : r0 + block_rows].double()
-        g += block.T @ block
+    for block in row_blocks(x):
+        block = block.double()
+        g.addmm_(block.T, block)
     return g
 
 
@@ -62,18 +77,18 @@ def singular_values(d: torch.Tensor) -> torch.Tensor:
 
 
 def top_singular_subspaces(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U_r, V_r)``: the top-``r`` left and right singular vectors of ``W`` (float64).
+    """``(U_r, V_r)``: the top-``r`` left and right singular vectors of ``W`` (float32).
 
     From the eigenvectors of the Gram matrix of the smaller side: ``V_r`` = top eigenvectors of ``W^T W`` and
-    ``U_r = W V_r / s_r`` (or the transpose), so no ``m x n`` factor is formed.
+    ``U_r = W V_r / s_r`` (or the transpose), so no ``m x n`` factor is formed. Float32 is enough for subspaces (unlike
+    the small singular values of a delta, see `singular_values`) and halves the cost of the largest matrices.
     """
-    tall = w.shape[0] >= w.shape[1]
-    x = w if tall else w.T
-    evals, evecs = torch.linalg.eigh(_gram(x))
+    x = (w if w.shape[0] >= w.shape[1] else w.T).float()
+    evals, evecs = torch.linalg.eigh(x.T @ x)
     top = evecs[:, -r:].flip(1)
-    s = evals[-r:].flip(0).clamp_min(1e-300).sqrt()
-    other = torch.cat([(x[i : i + (1 << 14)].double() @ top) for i in range(0, x.shape[0], 1 << 14)]) / s
-    return (other, top) if tall else (top, other)
+    s = evals[-r:].flip(0).clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+    other = (x @ top) / s
+    return (other, top) if w.shape[0] >= w.shape[1] else (top, other)
 
 
 def numerical_rank(s: torch.Tensor, tau: float = 1e-3) -> int:
@@ -118,13 +133,13 @@ def subspace_alignment(u: torch.Tensor, v: torch.Tensor, d: torch.Tensor, r: int
 def alignment_sweep(u: torch.Tensor, v: torch.Tensor, d: torch.Tensor, ranks) -> dict[int, dict[str, float]]:
     """`subspace_alignment` for several ``r`` at the cost of one: ``D`` is projected once onto the largest subspace
     and every smaller ``r`` reads a leading block of the projections."""
-    total = float(d.pow(2).sum(dtype=torch.float64))
+    total = energy(d)
     m, n = d.shape
     r_max = max(ranks)
     u_max, v_max = u[:, :r_max].to(d.dtype), v[:, :r_max].to(d.dtype)
     left = (u_max.T @ d).double()  # (r_max, n)
     left_rows = left.pow(2).sum(1).cumsum(0)
-    right_cols = (d @ v_max).double().pow(2).sum(0).cumsum(0)
+    right_cols = (d @ v_max).pow_(2).sum(0, dtype=torch.float64).cumsum(0)
     both = (left @ v_max.double()).pow(2)  # (r_max, r_max)
     out = {}
     for r in ranks:
@@ -135,9 +150,29 @@ def alignment_sweep(u: torch.Tensor, v: torch.Tensor, d: torch.Tensor, ranks) ->
 
 
 def abs_quantiles(w: torch.Tensor, quantiles=(0.1, 0.25, 0.5)) -> dict[float, float]:
-    """``Q_q(|W|)``: the ``ceil(q * numel)``-th smallest ``|W|`` (a selection, not a sort)."""
-    a = w.abs().reshape(-1).float()
-    return {q: float(a.kthvalue(max(1, math.ceil(q * a.numel()))).values) for q in quantiles}
+    """``Q_q(|W|)``: the ``ceil(q * numel)``-th smallest ``|W|``, exactly, in two streamed passes.
+
+    Non-negative float32 values order like their bit patterns, so a histogram of the top 16 bits locates the bucket
+    holding each order statistic and a second pass selects within that bucket: no sort and no full-size copy.
+    """
+    x = w if w.dim() == 2 else w.reshape(1, -1)
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for block in row_blocks(x):
+        hist += torch.bincount(block.float().abs().view(torch.int32).reshape(-1) >> 15, minlength=1 << 16)
+    cum = hist.cumsum(0)
+    targets = {}
+    for q in quantiles:
+        k = max(1, math.ceil(q * w.numel()))
+        bucket = int(torch.searchsorted(cum, k))
+        targets[q] = (bucket, k - (int(cum[bucket - 1]) if bucket else 0))
+    members = {b: [] for b, _ in targets.values()}
+    for block in row_blocks(x):
+        a = block.float().abs().reshape(-1)
+        top = a.view(torch.int32) >> 15
+        for b in members:
+            members[b].append(a[top == b])
+    members = {b: torch.cat(parts) for b, parts in members.items()}
+    return {q: float(members[b].kthvalue(rank).values) for q, (b, rank) in targets.items()}
 
 
 def near_zero_lift(w: torch.Tensor, changed: torch.Tensor, quantiles=(0.1, 0.25, 0.5),
@@ -170,7 +205,7 @@ def bf16_step(w: torch.Tensor) -> torch.Tensor:
 def isotropic_like(d: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A Gaussian random matrix with the same shape and Frobenius norm as ``D`` (the null model)."""
     g = torch.randn(d.shape, generator=generator, dtype=torch.float32)
-    norm = torch.linalg.vector_norm(d, dtype=torch.float64)
+    norm = energy(d) ** 0.5
     if norm == 0:
         return torch.zeros_like(d)
-    return g.mul_(float(norm / torch.linalg.vector_norm(g, dtype=torch.float64))).to(d.dtype)
+    return g.mul_(norm / energy(g) ** 0.5).to(d.dtype)

@@ -24,40 +24,56 @@ def _device(device):
     return device
 
 
+def _elementwise(w: torch.Tensor, d: torch.Tensor, null: torch.Tensor, rms: float) -> dict:
+    """Sparsity in the three precision modes and the near-zero lift of four change sets (raw, bf16-visible, and the
+    null through both), counted over row blocks so that no full-size intermediate is ever made."""
+    thresholds = M.abs_quantiles(w)
+    counts = defaultdict(int)
+    for wc, dc, nc in zip(M.row_blocks(w), M.row_blocks(d), M.row_blocks(null)):
+        wc, dc, nc = wc.float(), dc.float(), nc.float()
+        a = dc.abs()
+        visible = M.bf16_visible(wc, dc).abs()
+        for tau in M.TAUS:
+            counts[f"unchanged_raw_{tau:g}"] += int((a <= tau).sum())
+            counts[f"unchanged_bf16_{tau:g}"] += int((visible <= tau).sum())
+        counts["unchanged_rel_1e-3"] += int((a <= 1e-3 * rms).sum())
+        counts["unchanged_half_step"] += int((a < 0.5 * M.bf16_step(wc)).sum())  # below half a bf16 step of W
+        small = {q: wc.abs() <= t for q, t in thresholds.items()}
+        changed = {"raw": a > CHANGED_TAU, "bf16": visible != 0, "null_raw": nc.abs() > CHANGED_TAU,
+                   "null_bf16": M.bf16_visible(wc, nc) != 0}
+        for label, c in changed.items():
+            counts[f"changed_{label}"] += int(c.sum())
+            for q, below in small.items():
+                counts[f"near_zero_{label}_q{q:g}"] += int((c & below).sum())
+    numel = w.numel()
+    out = {key: counts[key] / numel for key in counts if key.startswith("unchanged_")}
+    for label in ("raw", "bf16", "null_raw", "null_bf16"):
+        total = counts[f"changed_{label}"]
+        for q in thresholds:  # P(|W| <= Q_q | changed) / q; 1 = no bias
+            out[f"near_zero_lift_{label}_q{q:g}"] = (
+                counts[f"near_zero_{label}_q{q:g}"] / total / q if total else float("nan")
+            )
+    return out
+
+
 def analyze_matrix(name: str, w: torch.Tensor, d: torch.Tensor, rank_fraction: float = 0.05, seed: int = 0,
                    device: str = "cpu") -> dict:
     """All per-matrix metrics of one delta as a flat, JSON-friendly dict."""
     m, n = w.shape
     row = {"name": name, "module_type": module_type(name), "block": block_of(name), "layer": layer_index(name),
            "rows": m, "cols": n, "numel": m * n,
-           "w_energy": float(w.pow(2).sum(dtype=torch.float64)), "d_energy": float(d.pow(2).sum(dtype=torch.float64))}
+           "w_energy": M.energy(w), "d_energy": M.energy(d)}
     row["rel_norm"] = (row["d_energy"] / row["w_energy"]) ** 0.5 if row["w_energy"] else float("nan")
-    # Sparsity in three precision modes; each full-size intermediate is freed before the next is made.
-    for tau, frac in M.fraction_unchanged(d).items():
-        row[f"unchanged_raw_{tau:g}"] = frac
-    rms = (row["w_energy"] / (m * n)) ** 0.5
-    row["unchanged_rel_1e-3"] = float((d.abs() <= 1e-3 * rms).sum()) / (m * n)
-    step = M.bf16_step(w)
-    row["unchanged_half_step"] = float((d.abs() < 0.5 * step).sum()) / (m * n)  # below half a bf16 step of W
-    del step
-    visible = M.bf16_visible(w, d)
-    for tau, frac in M.fraction_unchanged(visible).items():
-        row[f"unchanged_bf16_{tau:g}"] = frac
-    changed = {"raw": d.abs() > CHANGED_TAU, "bf16": visible != 0}
-    del visible
+    null = M.isotropic_like(d, torch.Generator().manual_seed(seed))  # same norm, same precision pipeline
+    row.update(_elementwise(w, d, null, rms=(row["w_energy"] / (m * n)) ** 0.5))
 
     r = max(1, round(rank_fraction * min(m, n)))
     row["align_r"] = r
     sweep = {f: max(1, round(f * min(m, n))) for f in M.ALIGN_FRACTIONS}
     ranks = sorted({r, *sweep.values()})
     u, v = M.top_singular_subspaces(w.to(device), max(ranks))
-    gen = torch.Generator().manual_seed(seed)
     for label in ("", "null_"):
-        delta = d if not label else M.isotropic_like(d, gen)
-        if label:
-            changed["null_bf16"] = M.bf16_visible(w, delta) != 0
-            changed["null_raw"] = delta.abs() > CHANGED_TAU
-        delta = delta.to(device)
+        delta = (null if label else d).to(device)
         s = M.singular_values(delta)
         row[f"{label}rank"] = M.numerical_rank(s)
         row[f"{label}rank_ratio"] = row[f"{label}rank"] / min(m, n)
@@ -79,11 +95,6 @@ def analyze_matrix(name: str, w: torch.Tensor, d: torch.Tensor, rank_fraction: f
                 for fraction, rf in sweep.items():
                     row[f"expected_align_{key}_f{fraction:g}"] = aligns[rf][f"expected_{key}"]
         del delta
-    del u, v
-    thresholds = M.abs_quantiles(w)
-    for label, mask in changed.items():
-        for q, lift in M.near_zero_lift(w, mask, thresholds=thresholds).items():
-            row[f"near_zero_lift_{label}_q{q:g}"] = lift
     return row
 
 

@@ -86,8 +86,10 @@ class CheckpointPair(DeltaSource):
         if w.shape != t.shape:
             self.skipped.append((name, f"shape {tuple(w.shape)} in the base, {tuple(t.shape)} in the tuned"))
             return None
-        w = w.float()
-        return w, t.float() - w
+        w, d = w.float(), t.float()
+        if d is t and self.tuned.state is not None:
+            return w, d - w  # a caller's state dict is never written to
+        return w, d.sub_(w)  # read from a file, or a fresh float32 copy: ours to turn into the delta in place
 
     def __iter__(self):
         for name in self._names:
