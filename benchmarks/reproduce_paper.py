@@ -190,17 +190,13 @@ def diff_mask(out, seed):
 
 def matched_masks(diff, student, seed=0):
     """Random and smallest-|W| masks with the diff mask's count in every module."""
-    from sparse_opd.masks import SparseMask
+    from sparse_opd.masks import SparseMask, prior_indices
 
-    weights = dict(student.named_parameters())
-    gen = torch.Generator().manual_seed(seed)
-    random_idx, near_zero_idx = {}, {}
-    for name in diff.modules():
-        count, numel = diff.count(name), diff.numel(name)
-        random_idx[name] = torch.randperm(numel, generator=gen)[:count].sort().values
-        magnitude = weights[f"{name}.weight"].detach().abs().reshape(-1)
-        near_zero_idx[name] = torch.topk(magnitude, count, largest=False).indices.sort().values
-    return SparseMask(random_idx, diff.shapes), SparseMask(near_zero_idx, diff.shapes)
+    counts, numels = diff.counts(), {name: diff.numel(name) for name in diff.modules()}
+    weights = {name: student.get_submodule(name).weight for name in diff.modules()}
+    return tuple(
+        SparseMask(prior_indices(how, counts, numels, weights, seed), diff.shapes) for how in ("random", "near_zero")
+    )
 
 
 def stage_masks(out, _):

@@ -5,7 +5,7 @@ from .diff import DiffReport
 from .encoding import decode_indices, encode_indices
 from .module_types import block_of, layer_index, module_type
 from .overlap import Overlap, intersection, mask_overlap, union
-from .priors import near_zero_mask, random_mask
+from .priors import near_zero_mask, prior_indices, random_mask
 from .probe import ProbeCallback, top_k_mask
 from .sparse_mask import SparseMask, normalize_module_name
 
@@ -16,6 +16,7 @@ __all__ = [
     "SparseMask",
     "intersection",
     "mask_overlap",
+    "prior_indices",
     "top_k_mask",
     "union",
     "allocate_budget",

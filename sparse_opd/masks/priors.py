@@ -27,8 +27,30 @@ def _target_weights(model: nn.Module, target_modules) -> dict[str, torch.Tensor]
     return weights
 
 
-def _smallest_k(values: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.topk(values.reshape(-1), k, largest=False, sorted=False).indices
+def prior_indices(how: str, counts: Mapping[str, int], numels: Mapping[str, int],
+                  weights: Mapping[str, torch.Tensor] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per module, ``counts[name]`` flat coordinates out of ``numels[name]``: those of the smallest ``|W|``
+    (``how="near_zero"``, needs ``weights``) or uniformly random ones (``how="random"``, reproducible with ``seed``;
+    one generator is drawn from module by module, in the order of ``counts``)."""
+    if how not in ("near_zero", "random"):
+        raise ValueError(f"how must be 'near_zero' or 'random', got {how!r}")
+    gen = torch.Generator().manual_seed(seed)
+    indices = {}
+    for name, count in counts.items():
+        if how == "random":
+            indices[name] = torch.randperm(numels[name], generator=gen)[:count]
+        else:
+            magnitude = weights[name].detach().float().abs().reshape(-1)
+            indices[name] = torch.topk(magnitude, count, largest=False, sorted=False).indices.cpu()
+    return indices
+
+
+def _prior_mask(how, model, density, total, block_weights, target_modules, seed=0) -> SparseMask:
+    weights = _target_weights(model, target_modules)
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    counts = allocate_budget(shapes, density, total, block_weights)
+    numels = {n: w.numel() for n, w in weights.items()}
+    return SparseMask(prior_indices(how, counts, numels, weights, seed), shapes)
 
 
 def near_zero_mask(
@@ -39,12 +61,7 @@ def near_zero_mask(
     target_modules=None,
 ) -> SparseMask:
     """Per module, the coordinates with the smallest |W| (OPD's updates favour near-zero source weights)."""
-    weights = _target_weights(model, target_modules)
-    counts = allocate_budget({n: tuple(w.shape) for n, w in weights.items()}, density, total, block_weights)
-    indices = {}
-    for name, weight in weights.items():
-        indices[name] = _smallest_k(weight.detach().float().abs(), counts[name]).cpu()
-    return SparseMask(indices, {n: tuple(w.shape) for n, w in weights.items()})
+    return _prior_mask("near_zero", model, density, total, block_weights, target_modules)
 
 
 def random_mask(
@@ -56,10 +73,4 @@ def random_mask(
     seed: int = 0,
 ) -> SparseMask:
     """Per module, a uniformly random set of coordinates of the budgeted size (reproducible with ``seed``)."""
-    weights = _target_weights(model, target_modules)
-    counts = allocate_budget({n: tuple(w.shape) for n, w in weights.items()}, density, total, block_weights)
-    gen = torch.Generator().manual_seed(seed)
-    indices = {}
-    for name, weight in weights.items():
-        indices[name] = torch.randperm(weight.numel(), generator=gen)[: counts[name]]
-    return SparseMask(indices, {n: tuple(w.shape) for n, w in weights.items()})
+    return _prior_mask("random", model, density, total, block_weights, target_modules, seed)

@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner
 
 from ..masks.encoding import IndexEncodingError, decode_indices
 from ..masks.budget import allocate_budget
+from ..masks.priors import prior_indices
 from ..masks.sparse_mask import SparseMask, normalize_module_name
 from .bnb import QuantizedLinear, bnb_layer_types
 from .config import SparseDeltaConfig
@@ -268,18 +269,14 @@ def _initial_mask(modules: dict[str, nn.Module], how: str, density: float, block
     """mask_init: per module, the smallest-|W| or random coordinates under an FFN-weighted budget."""
     shapes = {name: _stored_shape(module) for name, module in modules.items()}
     counts = allocate_budget(shapes, density=density, block_weights=block_weights)
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, module in modules.items():
-        numel = math.prod(shapes[name])
-        if how == "random":
-            out[name] = torch.randperm(numel, generator=gen)[: counts[name]]
-            continue
-        weight = _plain_weight(module)
-        if weight is None:
-            raise ValueError(
-                f"{name}: mask_init='magnitude' needs plain weights but the layer is quantized; build the mask on the "
-                "unquantized model (sparse_opd.masks.near_zero_mask) and pass it as mask=..."
-            )
-        out[name] = torch.topk(weight.detach().float().abs().reshape(-1), counts[name], largest=False).indices.cpu()
-    return out
+    numels = {name: math.prod(shape) for name, shape in shapes.items()}
+    if how == "random":
+        return prior_indices("random", counts, numels, seed=seed)
+    weights = {name: _plain_weight(module) for name, module in modules.items()}
+    quantized = [name for name, weight in weights.items() if weight is None]
+    if quantized:
+        raise ValueError(
+            f"{quantized[0]}: mask_init='magnitude' needs plain weights but the layer is quantized; build the mask on "
+            "the unquantized model (sparse_opd.masks.near_zero_mask) and pass it as mask=..."
+        )
+    return prior_indices("near_zero", counts, numels, weights)
