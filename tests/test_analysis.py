@@ -244,3 +244,13 @@ def test_abs_quantiles_are_exact_order_statistics():
     ordered = w.abs().reshape(-1).sort().values
     for q, value in got.items():
         assert value == ordered[max(1, math.ceil(q * w.numel())) - 1]
+
+
+def test_near_zero_lift_of_the_largest_updates_sees_a_bias_that_a_dense_delta_hides():
+    w = torch.randn(200, 100, generator=GEN)
+    small = w.abs() <= w.abs().reshape(-1).kthvalue(2000).values  # bottom 10% of |W|
+    d = 1e-3 * torch.randn(w.shape, generator=GEN).sign() * torch.where(small, 5.0, 1.0)  # every entry moves
+    row = analyze_matrix("model.layers.0.mlp.up_proj", w, d)
+    assert row["near_zero_lift_raw_q0.1"] == pytest.approx(1.0)  # all changed: the raw set cannot show the bias
+    assert row["near_zero_lift_top10_q0.1"] == pytest.approx(10.0)  # the largest 10% are exactly the small weights
+    assert 0.5 < row["near_zero_lift_null_top10_q0.1"] < 1.5

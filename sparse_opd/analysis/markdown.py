@@ -32,7 +32,7 @@ def report_markdown(report) -> str:
         lines += ["", f"## Energy by {title}", "", f"| {title} | energy share | relative norm |", "|---|---:|---:|"]
         lines += [f"| {g} | {v['energy_share']:.3f} | {v['rel_norm']:.3e} |" for g, v in a[key].items()]
     cols = ["name", "rel_norm", "unchanged_raw_1e-05", "unchanged_bf16_0", "rank_ratio", "top16_energy",
-            "null_top16_energy", "align_both", "null_align_both", "near_zero_lift_raw_q0.1"]
+            "null_top16_energy", "align_both", "null_align_both", "near_zero_lift_raw_q0.1", "near_zero_lift_top10_q0.1"]
     lines += ["", "## Per matrix", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in report.rows]
     if report.skipped:
@@ -54,6 +54,9 @@ def compare_markdown(named: dict[str, dict]) -> str:
         ("median alignment both", lambda a: a["median"]["align_both"]),
         ("median alignment both (null)", lambda a: a["median"]["null_align_both"]),
         ("near-zero lift q0.1 (raw)", lambda a: a["median"]["near_zero_lift_raw_q0.1"]),
+        ("near-zero lift q0.1 (largest 10% of updates)", lambda a: a["median"].get("near_zero_lift_top10_q0.1", "")),
+        ("near-zero lift q0.1 (bf16-visible)", lambda a: a["median"]["near_zero_lift_bf16_q0.1"]),
+        ("near-zero lift q0.1 (null through bf16)", lambda a: a["median"]["near_zero_lift_null_bf16_q0.1"]),
     ]
     lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for title, get in rows:

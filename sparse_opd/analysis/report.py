@@ -25,9 +25,12 @@ def _device(device):
 
 
 def _elementwise(w: torch.Tensor, d: torch.Tensor, null: torch.Tensor, rms: float) -> dict:
-    """Sparsity in the three precision modes and the near-zero lift of four change sets (raw, bf16-visible, and the
-    null through both), counted over row blocks so that no full-size intermediate is ever made."""
+    """Sparsity in the three precision modes and the near-zero lift of six change sets, counted over row blocks so
+    that no full-size intermediate is ever made. The change sets: ``|D| > 1e-5`` (raw), ``bf16(W + D) != bf16(W)``
+    (bf16), the largest 10% of ``|D|`` (top10: still informative when nearly every entry moved), and the same three
+    for the null."""
     thresholds = M.abs_quantiles(w)
+    top10 = {"d": M.abs_quantiles(d, (0.9,))[0.9], "null": M.abs_quantiles(null, (0.9,))[0.9]}
     counts = defaultdict(int)
     for wc, dc, nc in zip(M.row_blocks(w), M.row_blocks(d), M.row_blocks(null)):
         wc, dc, nc = wc.float(), dc.float(), nc.float()
@@ -39,15 +42,16 @@ def _elementwise(w: torch.Tensor, d: torch.Tensor, null: torch.Tensor, rms: floa
         counts["unchanged_rel_1e-3"] += int((a <= 1e-3 * rms).sum())
         counts["unchanged_half_step"] += int((a < 0.5 * M.bf16_step(wc)).sum())  # below half a bf16 step of W
         small = {q: wc.abs() <= t for q, t in thresholds.items()}
-        changed = {"raw": a > CHANGED_TAU, "bf16": visible != 0, "null_raw": nc.abs() > CHANGED_TAU,
-                   "null_bf16": M.bf16_visible(wc, nc) != 0}
+        changed = {"raw": a > CHANGED_TAU, "bf16": visible != 0, "top10": a > top10["d"],
+                   "null_raw": nc.abs() > CHANGED_TAU, "null_bf16": M.bf16_visible(wc, nc) != 0,
+                   "null_top10": nc.abs() > top10["null"]}
         for label, c in changed.items():
             counts[f"changed_{label}"] += int(c.sum())
             for q, below in small.items():
                 counts[f"near_zero_{label}_q{q:g}"] += int((c & below).sum())
     numel = w.numel()
     out = {key: counts[key] / numel for key in counts if key.startswith("unchanged_")}
-    for label in ("raw", "bf16", "null_raw", "null_bf16"):
+    for label in ("raw", "bf16", "top10", "null_raw", "null_bf16", "null_top10"):
         total = counts[f"changed_{label}"]
         for q in thresholds:  # P(|W| <= Q_q | changed) / q; 1 = no bias
             out[f"near_zero_lift_{label}_q{q:g}"] = (
@@ -131,7 +135,8 @@ class DeltaReport:
             "unchanged_half_step": weighted("unchanged_half_step"),
             "median": {k: med(k) for k in ("rank_ratio", "null_rank_ratio", "top16_energy", "null_top16_energy",
                                             "align_both", "null_align_both", "expected_align_both",
-                                            "near_zero_lift_raw_q0.1", "near_zero_lift_bf16_q0.1",
+                                            "near_zero_lift_raw_q0.1", "near_zero_lift_top10_q0.1",
+                                            "near_zero_lift_null_top10_q0.1", "near_zero_lift_bf16_q0.1",
                                             "near_zero_lift_null_bf16_q0.1")},
             "rank_ratio_by_tau": {f"{tau:g}": {"delta": med(f"rank_ratio_tau{tau:g}"),
                                                "null": med(f"null_rank_ratio_tau{tau:g}")} for tau in M.RANK_TAUS},
@@ -159,7 +164,9 @@ class DeltaReport:
             f"median rank ratio {a['median']['rank_ratio']:.2f} (null {a['median']['null_rank_ratio']:.2f}); "
             f"median top-16 energy {a['median']['top16_energy']:.1%} (null {a['median']['null_top16_energy']:.1%})",
             f"near-zero lift (bottom 10% of |W|): {a['median']['near_zero_lift_raw_q0.1']:.2f} raw, "
-            f"null through bf16 {a['median']['near_zero_lift_null_bf16_q0.1']:.2f}",
+            f"{a['median']['near_zero_lift_top10_q0.1']:.2f} for the largest 10% of updates, "
+            f"{a['median']['near_zero_lift_bf16_q0.1']:.2f} bf16-visible (null through bf16 "
+            f"{a['median']['near_zero_lift_null_bf16_q0.1']:.2f})",
         ])
 
     # output ---------------------------------------------------------------------------------------------------------
