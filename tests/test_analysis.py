@@ -254,3 +254,20 @@ def test_near_zero_lift_of_the_largest_updates_sees_a_bias_that_a_dense_delta_hi
     assert row["near_zero_lift_raw_q0.1"] == pytest.approx(1.0)  # all changed: the raw set cannot show the bias
     assert row["near_zero_lift_top10_q0.1"] == pytest.approx(10.0)  # the largest 10% are exactly the small weights
     assert 0.5 < row["near_zero_lift_null_top10_q0.1"] < 1.5
+
+
+def test_streamed_elementwise_pass_is_exact_across_row_blocks(monkeypatch):
+    monkeypatch.setattr(M, "CHUNK_ENTRIES", 7 * 10)  # 7 rows per block, the last one short
+    w = torch.randn(30, 10, generator=GEN)
+    d = torch.zeros(30, 10)
+    d.view(-1)[:15] = 1e-6
+    d.view(-1)[15:24] = 1e-3
+    row = analyze_matrix("model.layers.0.mlp.up_proj", w, d)
+    assert row["unchanged_raw_0"] == pytest.approx(276 / 300) and row["unchanged_raw_1e-05"] == pytest.approx(291 / 300)
+    assert row["unchanged_bf16_0"] == pytest.approx(float((M.bf16_visible(w, d) == 0).double().mean()))
+    lift = M.near_zero_lift(w, d.abs() > 1e-5, (0.1,))[0.1]
+    assert row["near_zero_lift_raw_q0.1"] == pytest.approx(lift)
+    # the null has d's norm: spread over 300 entries it stays below 1e-5 nowhere near as often as d does
+    assert row["null_unchanged_raw_1e-05"] < row["unchanged_raw_1e-05"]
+    tiny = analyze_matrix("model.layers.0.mlp.up_proj", w, d * 1e-6)
+    assert tiny["null_unchanged_bf16_0"] == 1.0 and tiny["null_unchanged_raw_1e-05"] == 1.0

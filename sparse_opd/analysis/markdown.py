@@ -17,6 +17,8 @@ def report_markdown(report) -> str:
     for tau in a["unchanged"]["raw"]:
         lines.append(f"| {tau} | {a['unchanged']['raw'][tau]:.4f} | {a['unchanged']['bf16'][tau]:.4f} |")
     lines += ["", f"Entries whose update is below half a bf16 step of W: {a['unchanged_half_step']:.4f}", "",
+              f"The same-norm isotropic null: {a['null_unchanged']['raw_1e-05']:.4f} with |d| <= 1e-5 as stored, "
+              f"{a['null_unchanged']['bf16_0']:.4f} invisible in bf16.", "",
               "## Medians beside their nulls", "", "| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in a["median"].items()]
     lines += ["", "## Numerical rank ratio by threshold (median; rank = #{s_i > tau s_1} / min(m, n))", "",
@@ -47,6 +49,7 @@ def compare_markdown(named: dict[str, dict]) -> str:
         ("relative norm", lambda a: a["global_rel_norm"]),
         ("unchanged |d|<=1e-5 (raw)", lambda a: a["unchanged"]["raw"]["1e-05"]),
         ("invisible in bf16", lambda a: a["unchanged"]["bf16"]["0"]),
+        ("invisible in bf16 (null)", lambda a: a.get("null_unchanged", {}).get("bf16_0", "")),
         ("FFN energy share", lambda a: a["by_block"].get("ffn", {}).get("energy_share", 0.0)),
         ("median rank ratio", lambda a: a["median"]["rank_ratio"]),
         ("median top-16 energy", lambda a: a["median"]["top16_energy"]),

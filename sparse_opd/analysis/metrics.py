@@ -26,9 +26,10 @@ def _check_pair(w: torch.Tensor, d: torch.Tensor) -> None:
 CHUNK_ENTRIES = 1 << 21  # entries per row block of the streaming passes: their transients stay a few MiB
 
 
-def row_blocks(x: torch.Tensor, entries: int = CHUNK_ENTRIES):
-    """Consecutive row blocks of a 2-D tensor holding about ``entries`` entries each (views, not copies)."""
-    rows = max(1, entries // max(1, x.shape[1]))
+def row_blocks(x: torch.Tensor, entries: int | None = None):
+    """Consecutive row blocks of a 2-D tensor holding about ``entries`` (default `CHUNK_ENTRIES`) entries each
+    (views, not copies)."""
+    rows = max(1, (entries or CHUNK_ENTRIES) // max(1, x.shape[1]))
     for r0 in range(0, x.shape[0], rows):
         yield x[r0 : r0 + rows]
 

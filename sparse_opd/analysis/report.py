@@ -51,6 +51,9 @@ def _elementwise(w: torch.Tensor, d: torch.Tensor, null: torch.Tensor, rms: floa
                 counts[f"near_zero_{label}_q{q:g}"] += int((c & below).sum())
     numel = w.numel()
     out = {key: counts[key] / numel for key in counts if key.startswith("unchanged_")}
+    # the same-norm isotropic null: how much of it would count as unchanged, as stored and through bf16
+    out["null_unchanged_raw_1e-05"] = 1 - counts["changed_null_raw"] / numel
+    out["null_unchanged_bf16_0"] = 1 - counts["changed_null_bf16"] / numel
     for label in ("raw", "bf16", "top10", "null_raw", "null_bf16", "null_top10"):
         total = counts[f"changed_{label}"]
         for q in thresholds:  # P(|W| <= Q_q | changed) / q; 1 = no bias
@@ -133,6 +136,8 @@ class DeltaReport:
             "unchanged": {mode: {f"{tau:g}": weighted(f"unchanged_{mode}_{tau:g}") for tau in M.TAUS}
                           for mode in ("raw", "bf16")},
             "unchanged_half_step": weighted("unchanged_half_step"),
+            "null_unchanged": {"raw_1e-05": weighted("null_unchanged_raw_1e-05"),
+                               "bf16_0": weighted("null_unchanged_bf16_0")},
             "median": {k: med(k) for k in ("rank_ratio", "null_rank_ratio", "top16_energy", "null_top16_energy",
                                             "align_both", "null_align_both", "expected_align_both",
                                             "near_zero_lift_raw_q0.1", "near_zero_lift_top10_q0.1",
@@ -158,8 +163,9 @@ class DeltaReport:
         ffn = a["by_block"].get("ffn", {}).get("energy_share", 0.0)
         return "\n".join([
             f"relative update norm {a['global_rel_norm']:.3e} over {a['matrices']} matrices",
-            f"entries with |delta| <= 1e-5: {a['unchanged']['raw']['1e-05']:.1%} raw, "
-            f"{a['unchanged']['bf16']['0']:.1%} invisible in bf16",
+            f"entries with |delta| <= 1e-5: {a['unchanged']['raw']['1e-05']:.1%} raw "
+            f"(null {a['null_unchanged']['raw_1e-05']:.1%}), {a['unchanged']['bf16']['0']:.1%} invisible in bf16 "
+            f"(null {a['null_unchanged']['bf16_0']:.1%})",
             f"FFN share of update energy: {ffn:.1%}",
             f"median rank ratio {a['median']['rank_ratio']:.2f} (null {a['median']['null_rank_ratio']:.2f}); "
             f"median top-16 energy {a['median']['top16_energy']:.1%} (null {a['median']['null_top16_energy']:.1%})",
