@@ -34,7 +34,8 @@ import torch
 STEPS = 24
 BATCH = 8
 COMPLETION = 48
-FULL_LR = 2e-5  # AdamW, full OPD and every mask retrain (same per-coordinate step size)
+FULL_LR = 2e-5  # AdamW, full OPD
+SPARSE_LR = 2e-4  # AdamW on a mask: 10x, like LoRA's (at FULL_LR the diff mask recovered nothing, see docs)
 LORA_LR = 2e-4  # LoRA's usual ~10x the full fine-tuning rate
 SGD_LR = {"sgd": 0.1, "sgd_momentum": 0.01}  # comparable first-step update norms (see the logged update_norm)
 NUM_TRAIN = 2000
@@ -241,16 +242,16 @@ def stage_sparse(out, args):
     from sparse_opd.masks import SparseMask
     from sparse_opd.trainer import SparseOPDTrainer
 
-    name = f"sparse_{args.mask}_{args.optim}"
+    name = result_name("sparse", [], args)
     student, tokenizer = load_student()
     train, test = datasets()
     budget = load_result(out, "masks")
-    lr = FULL_LR if args.optim == "adamw" else SGD_LR[args.optim]
+    lr = args.lr or (SPARSE_LR if args.optim == "adamw" else SGD_LR[args.optim])
     optim = {"adamw": {}, "sgd": {"optim": "sgd"}, "sgd_momentum": {"optim": "sgd", "optim_args": "momentum=0.9"}}
     config = opd_args(run_dir(out, name), 0, lr, **optim[args.optim])
     if args.mask == "probe":
         config.mask_strategy, config.mask_density = "probe", budget["density"]
-        config.mask_probe_learning_rate = FULL_LR
+        config.mask_probe_learning_rate = FULL_LR  # the probe's dense steps run at the full-OPD rate
         model = student
     else:
         mask = SparseMask.load(os.path.join(out, "masks", f"{args.mask}.safetensors"))
@@ -298,24 +299,25 @@ PLAN = [  # most important first: a run cut short still answers the main questio
     ("full", ["--seed", "0"]),
     ("analyze", []),
     ("masks", []),
+    ("sparse", ["--mask", "diff", "--optim", "adamw", "--lr", "2e-5"]),  # at the full-OPD rate
     ("sparse", ["--mask", "diff", "--optim", "adamw"]),
     ("sparse", ["--mask", "random", "--optim", "adamw"]),
     ("sparse", ["--mask", "near_zero", "--optim", "adamw"]),
     ("lora", []),
-    ("sparse", ["--mask", "diff", "--optim", "sgd"]),
     ("full", ["--seed", "1"]),
     ("overlap", []),
-    ("sparse", ["--mask", "diff", "--optim", "sgd_momentum"]),
     ("sparse", ["--mask", "probe", "--optim", "adamw"]),
+    ("sparse", ["--mask", "diff", "--optim", "sgd"]),
+    ("sparse", ["--mask", "diff", "--optim", "sgd_momentum"]),
 ]
 
 
-def result_name(stage, extra):
-    args = parse([stage, *extra])
+def result_name(stage, extra, args=None):
+    args = args or parse([stage, *extra])
     if stage == "full":
         return f"full_seed{args.seed}"
     if stage == "sparse":
-        return f"sparse_{args.mask}_{args.optim}"
+        return f"sparse_{args.mask}_{args.optim}" + (f"_lr{args.lr:g}" if args.lr else "")
     return {"analyze": "analysis"}.get(stage, stage)
 
 
@@ -346,8 +348,8 @@ def stage_report(out, _):
     base = load_result(out, "base")
     before = base["student"]["correct"]
     rows = [("student (base)", base["student"]), ("teacher (base + solution)", base["teacher"])]
-    names = ["full_seed0", "full_seed1", "sparse_diff_adamw", "sparse_random_adamw", "sparse_near_zero_adamw",
-             "sparse_probe_adamw", "lora", "sparse_diff_sgd", "sparse_diff_sgd_momentum"]
+    names = ["full_seed0", "full_seed1", "sparse_diff_adamw_lr2e-05", "sparse_diff_adamw", "sparse_random_adamw",
+             "sparse_near_zero_adamw", "sparse_probe_adamw", "lora", "sparse_diff_sgd", "sparse_diff_sgd_momentum"]
     rows += [(n, load_result(out, n)) for n in names if done(out, n)]
     full_gain = None
     if done(out, "full_seed0"):
@@ -395,6 +397,7 @@ def parse(argv=None):
     parser.add_argument("--seed", type=int, default=0, choices=SEEDS)
     parser.add_argument("--mask", default="diff", choices=["diff", "random", "near_zero", "probe"])
     parser.add_argument("--optim", default="adamw", choices=["adamw", "sgd", "sgd_momentum"])
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of a sparse run (default: by optimizer)")
     return parser.parse_args(argv)
 
 
