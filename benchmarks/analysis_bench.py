@@ -1,7 +1,10 @@
 """Time and peak RSS of a full analysis: SmolLM2-135M vs a perturbed copy, and a 1.7B-shaped synthetic pair.
 
     python benchmarks/analysis_bench.py smollm2 [--workdir /tmp/mask_diff_bench]
-    python benchmarks/analysis_bench.py synthetic-1.7b [--layers 28]
+    python benchmarks/analysis_bench.py synthetic-1.7b [--layers 28] [--threads 1]
+
+Prints wall time and process CPU time (all threads); with `--threads 1` the CPU time is the single-core cost even
+when other work shares the machine.
 
 `smollm2` reuses the sharded pair written by benchmarks/mask_diff_bench.py (10% of linear entries moved by
 N(0, 1e-4^2)). `synthetic-1.7b` streams Qwen3-1.7B-shaped matrices (hidden 2048, FFN 6144, 28 layers, 16/8 heads of
@@ -48,6 +51,7 @@ def main():
     parser.add_argument("which", choices=("smollm2", "synthetic-1.7b"))
     parser.add_argument("--workdir", default="/tmp/mask_diff_bench")
     parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.measure:
@@ -57,14 +61,15 @@ def main():
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--measure"], capture_output=True, text=True,
                              check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {args.which} | {row['matrices']} matrices | {row['seconds']:.1f} s | peak RSS {row['rss']:.0f} MiB | "
-              f"{torch.get_num_threads()} threads |")
+        print(f"| {args.which} | {row['matrices']} matrices | {row['seconds']:.1f} s | {row['cpu_seconds']:.1f} s | "
+              f"peak RSS {row['rss']:.0f} MiB | {args.threads} threads |")
         print("\n" + row["summary"])
         return
-    start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    start, cpu_start = time.perf_counter(), time.process_time()
     report = smollm2(args.workdir) if args.which == "smollm2" else synthetic(args.layers)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "matrices": len(report.rows), "summary": report.summary()}))
 
 
