@@ -70,13 +70,15 @@ def test_near_zero_lift_detects_changes_on_small_weights():
 
 
 def test_module_type_split_with_known_energies():
-    base = {"model.layers.0.mlp.up_proj.weight": torch.ones(4, 4), "model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4)}
-    tuned = {"model.layers.0.mlp.up_proj.weight": torch.ones(4, 4) + 3.0, "model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4) + 1.0}
+    up, q = "model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"
+    base = {up: torch.ones(8, 4), q: torch.ones(4, 4)}
+    tuned = {up: torch.ones(8, 4) + 3.0, q: torch.ones(4, 4) + 1.0}
     report = analyze_delta(base, tuned, progress=False, rank_fraction=0.25)
     blocks = report.aggregates["by_block"]
-    assert blocks["ffn"]["energy_share"] == pytest.approx(0.9)
-    assert blocks["attention"]["energy_share"] == pytest.approx(0.1)
-    assert report.aggregates["global_rel_norm"] == pytest.approx((160 / 32) ** 0.5)
+    assert blocks["ffn"]["energy_share"] == pytest.approx(288 / 304)  # 32 entries moved by 3 against 16 moved by 1
+    assert blocks["attention"]["energy_share"] == pytest.approx(16 / 304)
+    assert blocks["ffn"]["entry_share"] == pytest.approx(2 / 3) and blocks["attention"]["entry_share"] == pytest.approx(1 / 3)
+    assert report.aggregates["global_rel_norm"] == pytest.approx((304 / 48) ** 0.5)
 
 
 def _state(model):

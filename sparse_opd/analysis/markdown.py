@@ -21,6 +21,9 @@ def report_markdown(report) -> str:
               f"{a['null_unchanged']['bf16_0']:.4f} invisible in bf16.", "",
               "## Medians beside their nulls", "", "| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in a["median"].items()]
+    lines += ["", "## Spectral concentration (median energy share of the top-k singular values)", "",
+              "| k | delta | null |", "|---:|---:|---:|"]
+    lines += [f"| {k} | {v['delta']:.3f} | {v['null']:.3f} |" for k, v in a["top_energy_by_k"].items()]
     lines += ["", "## Numerical rank ratio by threshold (median; rank = #{s_i > tau s_1} / min(m, n))", "",
               "| tau | delta | null |", "|---:|---:|---:|"]
     lines += [f"| {t} | {v['delta']:.3f} | {v['null']:.3f} |" for t, v in a["rank_ratio_by_tau"].items()]
@@ -31,8 +34,10 @@ def report_markdown(report) -> str:
         cells = [v[f"{who}{key}"] for key in ("both", "left", "right") for who in ("", "null_", "expected_")]
         lines.append(f"| {f} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
     for key, title in (("by_block", "block"), ("by_type", "module type"), ("by_layer", "layer")):
-        lines += ["", f"## Energy by {title}", "", f"| {title} | energy share | relative norm |", "|---|---:|---:|"]
-        lines += [f"| {g} | {v['energy_share']:.3f} | {v['rel_norm']:.3e} |" for g, v in a[key].items()]
+        lines += ["", f"## Energy by {title}", "", f"| {title} | energy share | share of entries | relative norm |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {g} | {v['energy_share']:.3f} | {v.get('entry_share', 0.0):.3f} | {v['rel_norm']:.3e} |"
+                  for g, v in a[key].items()]
     cols = ["name", "rel_norm", "unchanged_raw_1e-05", "unchanged_bf16_0", "rank_ratio", "top16_energy",
             "null_top16_energy", "align_both", "null_align_both", "near_zero_lift_raw_q0.1", "near_zero_lift_top10_q0.1"]
     lines += ["", "## Per matrix", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -51,7 +56,10 @@ def compare_markdown(named: dict[str, dict]) -> str:
         ("invisible in bf16", lambda a: a["unchanged"]["bf16"]["0"]),
         ("invisible in bf16 (null)", lambda a: a.get("null_unchanged", {}).get("bf16_0", "")),
         ("FFN energy share", lambda a: a["by_block"].get("ffn", {}).get("energy_share", 0.0)),
+        ("FFN share of entries", lambda a: a["by_block"].get("ffn", {}).get("entry_share", "")),
         ("median rank ratio", lambda a: a["median"]["rank_ratio"]),
+        ("median stable rank", lambda a: a["median"].get("stable_rank", "")),
+        ("median stable rank (null)", lambda a: a["median"].get("null_stable_rank", "")),
         ("median top-16 energy", lambda a: a["median"]["top16_energy"]),
         ("median top-16 energy (null)", lambda a: a["median"]["null_top16_energy"]),
         ("median alignment both", lambda a: a["median"]["align_both"]),

@@ -119,8 +119,10 @@ class DeltaReport:
             energy[g] += row["d_energy"]
             w_energy[g] += row["w_energy"]
             numel[g] += row["numel"]
-        total = sum(energy.values()) or 1.0
-        return {g: {"energy_share": energy[g] / total, "rel_norm": (energy[g] / w_energy[g]) ** 0.5 if w_energy[g] else 0.0,
+        total, total_numel = sum(energy.values()) or 1.0, sum(numel.values()) or 1
+        # entry_share is the energy share an update of the same size on every entry would give: the null for energy_share
+        return {g: {"energy_share": energy[g] / total, "entry_share": numel[g] / total_numel,
+                    "rel_norm": (energy[g] / w_energy[g]) ** 0.5 if w_energy[g] else 0.0,
                     "numel": numel[g]} for g in sorted(energy, key=lambda x: (len(x), x))}
 
     @property
@@ -138,11 +140,14 @@ class DeltaReport:
             "unchanged_half_step": weighted("unchanged_half_step"),
             "null_unchanged": {"raw_1e-05": weighted("null_unchanged_raw_1e-05"),
                                "bf16_0": weighted("null_unchanged_bf16_0")},
-            "median": {k: med(k) for k in ("rank_ratio", "null_rank_ratio", "top16_energy", "null_top16_energy",
+            "median": {k: med(k) for k in ("rank_ratio", "null_rank_ratio", "stable_rank", "null_stable_rank",
+                                            "effective_rank", "null_effective_rank", "top16_energy", "null_top16_energy",
                                             "align_both", "null_align_both", "expected_align_both",
                                             "near_zero_lift_raw_q0.1", "near_zero_lift_top10_q0.1",
                                             "near_zero_lift_null_top10_q0.1", "near_zero_lift_bf16_q0.1",
                                             "near_zero_lift_null_bf16_q0.1")},
+            "top_energy_by_k": {str(k): {"delta": med(f"top{k}_energy"), "null": med(f"null_top{k}_energy")}
+                                for k in M.TOP_KS},
             "rank_ratio_by_tau": {f"{tau:g}": {"delta": med(f"rank_ratio_tau{tau:g}"),
                                                "null": med(f"null_rank_ratio_tau{tau:g}")} for tau in M.RANK_TAUS},
             "alignment_by_fraction": {
@@ -166,7 +171,8 @@ class DeltaReport:
             f"entries with |delta| <= 1e-5: {a['unchanged']['raw']['1e-05']:.1%} raw "
             f"(null {a['null_unchanged']['raw_1e-05']:.1%}), {a['unchanged']['bf16']['0']:.1%} invisible in bf16 "
             f"(null {a['null_unchanged']['bf16_0']:.1%})",
-            f"FFN share of update energy: {ffn:.1%}",
+            f"FFN share of update energy: {ffn:.1%} (FFN share of entries "
+            f"{a['by_block'].get('ffn', {}).get('entry_share', 0.0):.1%})",
             f"median rank ratio {a['median']['rank_ratio']:.2f} (null {a['median']['null_rank_ratio']:.2f}); "
             f"median top-16 energy {a['median']['top16_energy']:.1%} (null {a['median']['null_top16_energy']:.1%})",
             f"near-zero lift (bottom 10% of |W|): {a['median']['near_zero_lift_raw_q0.1']:.2f} raw, "
