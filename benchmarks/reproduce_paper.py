@@ -9,7 +9,7 @@ own base weights shown the reference solution, as in `examples/opd_math.py`). St
 its peak RSS is its own, each writing `OUT/<run>/result.json` (finished stages are skipped on a rerun):
 
 - `base`: held-out accuracy of the student and of the teacher;
-- `full --seed S`: full-parameter OPD (AdamW), the merged checkpoint saved for the analyzer and the diff mask;
+- `full --seed S [--lr LR]`: full-parameter OPD (AdamW), the merged checkpoint saved for the analyzer and the diff mask;
 - `analyze`: the analyzer on full OPD's delta (all precision modes, nulls), report.json / report.md / plots;
 - `masks`: the diff mask (coordinates whose bf16 value changed), per-module matched random and near-zero masks;
 - `overlap`: the overlap of the two seeds' changed coordinates against random expectations;
@@ -149,19 +149,19 @@ def stage_base(out, _):
 def stage_full(out, args):
     from sparse_opd.trainer import DenseOPDTrainer
 
-    name = f"full_seed{args.seed}"
+    name, learning_rate = result_name("full", [], args), args.lr or FULL_LR
     student, tokenizer = load_student()
     train, test = datasets()
     trainer = DenseOPDTrainer(
         model=student,
-        args=opd_args(run_dir(out, name), args.seed, FULL_LR),
+        args=opd_args(run_dir(out, name), args.seed, learning_rate),
         train_dataset=train,
         processing_class=tokenizer,
     )
     result = train_and_score(trainer, tokenizer, test)
     trainer.model.save_pretrained(os.path.join(out, name, "model"))  # fp32, for the analyzer and the diff mask
     tokenizer.save_pretrained(os.path.join(out, name, "model"))
-    result.update(trainable=sum(p.numel() for p in student.parameters() if p.requires_grad), learning_rate=FULL_LR)
+    result.update(trainable=sum(p.numel() for p in student.parameters() if p.requires_grad), learning_rate=learning_rate)
     save_result(out, name, result)
 
 
@@ -308,6 +308,7 @@ PLAN = [  # most important first: a run cut short still answers the main questio
     ("overlap", []),
     ("sparse", ["--mask", "probe", "--optim", "adamw"]),
     ("sparse", ["--mask", "diff", "--optim", "sgd"]),
+    ("full", ["--seed", "0", "--lr", "2e-4"]),  # is the masks' 10x rate what helps, mask or not?
     ("sparse", ["--mask", "diff", "--optim", "sgd_momentum"]),
 ]
 
@@ -315,7 +316,7 @@ PLAN = [  # most important first: a run cut short still answers the main questio
 def result_name(stage, extra, args=None):
     args = args or parse([stage, *extra])
     if stage == "full":
-        return f"full_seed{args.seed}"
+        return f"full_seed{args.seed}" + (f"_lr{args.lr:g}" if args.lr else "")
     if stage == "sparse":
         return f"sparse_{args.mask}_{args.optim}" + (f"_lr{args.lr:g}" if args.lr else "")
     return {"analyze": "analysis"}.get(stage, stage)
@@ -348,7 +349,8 @@ def stage_report(out, _):
     base = load_result(out, "base")
     before = base["student"]["correct"]
     rows = [("student (base)", base["student"]), ("teacher (base + solution)", base["teacher"])]
-    names = ["full_seed0", "full_seed1", "sparse_diff_adamw_lr2e-05", "sparse_diff_adamw", "sparse_random_adamw",
+    names = ["full_seed0", "full_seed1", "full_seed0_lr0.0002", "sparse_diff_adamw_lr2e-05", "sparse_diff_adamw",
+             "sparse_random_adamw",
              "sparse_near_zero_adamw", "sparse_probe_adamw", "lora", "sparse_diff_sgd", "sparse_diff_sgd_momentum"]
     rows += [(n, load_result(out, n)) for n in names if done(out, n)]
     full_gain = None
@@ -367,11 +369,12 @@ def stage_report(out, _):
             else f"| {name} |  | {100 * r['accuracy']:.1f}% +/- {100 * r['stderr']:.1f} | "
             f"{100 * gain:+.1f} +/- {100 * se:.1f} |  |  |  |"
         )
-    if done(out, "full_seed0"):
-        full = load_result(out, "full_seed0")["correct"]
-        for name, r in rows[3:]:
-            gain, se = paired(full, r["correct"])
-            print(f"{name} - full_seed0: {100 * gain:+.1f} +/- {100 * se:.1f} points (paired)")
+    for reference in ("full_seed0", "full_seed0_lr0.0002"):
+        if done(out, reference):
+            full = load_result(out, reference)["correct"]
+            for name, r in rows[3:]:
+                gain, se = paired(full, r["correct"])
+                print(f"{name} - {reference}: {100 * gain:+.1f} +/- {100 * se:.1f} points (paired)")
     for name in ("masks", "overlap"):
         if done(out, name):
             print(json.dumps(load_result(out, name), indent=1))
@@ -397,7 +400,7 @@ def parse(argv=None):
     parser.add_argument("--seed", type=int, default=0, choices=SEEDS)
     parser.add_argument("--mask", default="diff", choices=["diff", "random", "near_zero", "probe"])
     parser.add_argument("--optim", default="adamw", choices=["adamw", "sgd", "sgd_momentum"])
-    parser.add_argument("--lr", type=float, default=None, help="learning rate of a sparse run (default: by optimizer)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of a full or sparse run (default: FULL_LR, or by optimizer)")
     return parser.parse_args(argv)
 
 
