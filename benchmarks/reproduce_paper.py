@@ -369,10 +369,12 @@ def stage_report(out, _):
             else f"| {name} |  | {100 * r['accuracy']:.1f}% +/- {100 * r['stderr']:.1f} | "
             f"{100 * gain:+.1f} +/- {100 * se:.1f} |  |  |  |"
         )
-    for reference in ("full_seed0", "full_seed0_lr0.0002"):
+    for reference in ("full_seed0", "full_seed0_lr0.0002", "sparse_diff_adamw"):
         if done(out, reference):
             full = load_result(out, reference)["correct"]
             for name, r in rows[3:]:
+                if name == reference:
+                    continue
                 gain, se = paired(full, r["correct"])
                 print(f"{name} - {reference}: {100 * gain:+.1f} +/- {100 * se:.1f} points (paired)")
     for name in ("masks", "overlap"):
