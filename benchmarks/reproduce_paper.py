@@ -303,12 +303,12 @@ PLAN = [  # most important first: a run cut short still answers the main questio
     ("sparse", ["--mask", "diff", "--optim", "adamw"]),
     ("sparse", ["--mask", "random", "--optim", "adamw"]),
     ("sparse", ["--mask", "near_zero", "--optim", "adamw"]),
+    ("full", ["--seed", "0", "--lr", "2e-4"]),  # is the masks' 10x rate what helps, mask or not?
     ("lora", []),
+    ("sparse", ["--mask", "diff", "--optim", "sgd"]),
     ("full", ["--seed", "1"]),
     ("overlap", []),
     ("sparse", ["--mask", "probe", "--optim", "adamw"]),
-    ("sparse", ["--mask", "diff", "--optim", "sgd"]),
-    ("full", ["--seed", "0", "--lr", "2e-4"]),  # is the masks' 10x rate what helps, mask or not?
     ("sparse", ["--mask", "diff", "--optim", "sgd_momentum"]),
 ]
 
