@@ -239,10 +239,15 @@ def test_checkpoint_and_state_dict_paths_agree_and_leave_their_inputs_untouched(
                        kept["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_abs_quantiles_are_exact_order_statistics():
+@pytest.mark.parametrize("kind", ["gaussian", "mostly_zero", "few_levels"])
+def test_abs_quantiles_are_exact_order_statistics(kind):
     w = torch.randn(300, 70, generator=GEN)
     w[0, :10] = 0.0  # ties and zeros
-    got = M.abs_quantiles(w, (0.001, 0.1, 0.25, 0.5, 1.0))
+    if kind == "mostly_zero":  # one bucket holds 90% of the entries (a delta that left most weights alone)
+        w = w * (torch.rand(w.shape, generator=GEN) < 0.1)
+    elif kind == "few_levels":  # a dequantized weight: many ties inside each bucket
+        w = (w * 8).round() / 8 + 1e-3
+    got = M.abs_quantiles(w, (0.001, 0.1, 0.25, 0.5, 0.9, 1.0))
     ordered = w.abs().reshape(-1).sort().values
     for q, value in got.items():
         assert value == ordered[max(1, math.ceil(q * w.numel())) - 1]

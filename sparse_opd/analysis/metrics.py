@@ -153,8 +153,9 @@ def alignment_sweep(u: torch.Tensor, v: torch.Tensor, d: torch.Tensor, ranks) ->
 def abs_quantiles(w: torch.Tensor, quantiles=(0.1, 0.25, 0.5)) -> dict[float, float]:
     """``Q_q(|W|)``: the ``ceil(q * numel)``-th smallest ``|W|``, exactly, in two streamed passes.
 
-    Non-negative float32 values order like their bit patterns, so a histogram of the top 16 bits locates the bucket
-    holding each order statistic and a second pass selects within that bucket: no sort and no full-size copy.
+    Non-negative float32 values order like their bit patterns: a histogram of the top 16 bits locates the bucket
+    holding each order statistic, and a histogram of the low 15 bits inside that bucket gives its exact bit pattern.
+    No sort and no copy of a bucket, which can hold most of the tensor (a zero delta, a dequantized weight).
     """
     x = w if w.dim() == 2 else w.reshape(1, -1)
     hist = torch.zeros(1 << 16, dtype=torch.int64)
@@ -166,14 +167,17 @@ def abs_quantiles(w: torch.Tensor, quantiles=(0.1, 0.25, 0.5)) -> dict[float, fl
         k = max(1, math.ceil(q * w.numel()))
         bucket = int(torch.searchsorted(cum, k))
         targets[q] = (bucket, k - (int(cum[bucket - 1]) if bucket else 0))
-    members = {b: [] for b, _ in targets.values()}
+    low = {b: torch.zeros(1 << 15, dtype=torch.int64) for b, _ in targets.values()}
     for block in row_blocks(x):
-        a = block.float().abs().reshape(-1)
-        top = a.view(torch.int32) >> 15
-        for b in members:
-            members[b].append(a[top == b])
-    members = {b: torch.cat(parts) for b, parts in members.items()}
-    return {q: float(members[b].kthvalue(rank).values) for q, (b, rank) in targets.items()}
+        bits = block.float().abs().view(torch.int32).reshape(-1)
+        top = bits >> 15
+        for b, counts in low.items():
+            counts += torch.bincount(bits[top == b] & 0x7FFF, minlength=1 << 15)
+    out = {}
+    for q, (b, rank) in targets.items():
+        offset = int(torch.searchsorted(low[b].cumsum(0), rank))
+        out[q] = float(torch.tensor([(b << 15) | offset], dtype=torch.int32).view(torch.float32))
+    return out
 
 
 def near_zero_lift(w: torch.Tensor, changed: torch.Tensor, quantiles=(0.1, 0.25, 0.5),
