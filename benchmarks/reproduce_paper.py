@@ -37,7 +37,9 @@ COMPLETION = 48
 FULL_LR = 2e-5  # AdamW, full OPD
 SPARSE_LR = 2e-4  # AdamW on a mask: 10x, like LoRA's (at FULL_LR the diff mask recovered nothing, see docs)
 LORA_LR = 2e-4  # LoRA's usual ~10x the full fine-tuning rate
-SGD_LR = {"sgd": 0.1, "sgd_momentum": 0.01}  # comparable first-step update norms (see the logged update_norm)
+# SGD's step is lr x |grad| (|grad| ~0.5 here), AdamW's ~lr x sqrt(trainable) (~0.8 at 2e-4 on the diff mask): SGD
+# at 0.1 moves ~15x less per step, so SGD is also run at 1.0, and momentum 0.9 at 0.1 (an effective rate of 1.0)
+SGD_LR = {"sgd": 0.1, "sgd_momentum": 0.1}
 NUM_TRAIN = 2000
 NUM_EVAL = 200
 EVAL_TOKENS = 80
@@ -310,6 +312,7 @@ PLAN = [  # most important first: a run cut short still answers the main questio
     ("overlap", []),
     ("sparse", ["--mask", "probe", "--optim", "adamw"]),
     ("sparse", ["--mask", "diff", "--optim", "sgd_momentum"]),
+    ("sparse", ["--mask", "diff", "--optim", "sgd", "--lr", "1.0"]),
 ]
 
 
@@ -351,7 +354,8 @@ def stage_report(out, _):
     rows = [("student (base)", base["student"]), ("teacher (base + solution)", base["teacher"])]
     names = ["full_seed0", "full_seed1", "full_seed0_lr0.0002", "sparse_diff_adamw_lr2e-05", "sparse_diff_adamw",
              "sparse_random_adamw",
-             "sparse_near_zero_adamw", "sparse_probe_adamw", "lora", "sparse_diff_sgd", "sparse_diff_sgd_momentum"]
+             "sparse_near_zero_adamw", "sparse_probe_adamw", "lora", "sparse_diff_sgd", "sparse_diff_sgd_lr1",
+             "sparse_diff_sgd_momentum"]
     rows += [(n, load_result(out, n)) for n in names if done(out, n)]
     full_gain = None
     if done(out, "full_seed0"):
