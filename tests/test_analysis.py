@@ -209,6 +209,26 @@ def test_delta_overlap_counts_shared_changes_against_the_random_expectation(tmp_
         delta_overlap(base, a, b, precision="fp8")
 
 
+def test_delta_overlap_null_is_the_chance_level_of_bf16_visibility():
+    from sparse_opd.analysis import delta_overlap, overlap_markdown
+
+    g = torch.Generator().manual_seed(0)
+    # weights spanning four decades: in bf16 a small update shows only on the small ones, whatever the delta
+    w = torch.randn(64, 256, generator=g) * torch.logspace(-4, 0, 256)
+    base = {"model.layers.0.mlp.up_proj.weight": w}
+
+    def independent_delta(seed):
+        return {k: v + 1e-4 * torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)) for k, v in base.items()}
+
+    result = delta_overlap(base, independent_delta(1), independent_delta(2), threshold=0.0, precision="bf16")
+    total = result["total"]
+    assert total.jaccard_lift > 1.5  # uniform independence calls two unrelated deltas "overlapping"
+    assert total.jaccard_vs_null == pytest.approx(1.0, abs=0.1)  # the precision-aware null does not
+    assert "Jaccard / that" in overlap_markdown(result)
+    without = delta_overlap(base, independent_delta(1), independent_delta(2), precision="bf16", null=False)["total"]
+    assert without.null_jaccard is None and "null_jaccard" not in without.to_dict()
+
+
 def test_delta_overlap_of_an_adapter_and_its_merged_checkpoint_is_total(tmp_path):
     from sparse_opd.analysis import delta_overlap
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -40,7 +41,8 @@ def _compare(args):
 def _overlap(args):
     from .overlap import delta_overlap, overlap_markdown
 
-    result = delta_overlap(args.base, args.a, args.b, threshold=args.threshold, precision=args.precision)
+    result = delta_overlap(args.base, args.a, args.b, threshold=args.threshold, precision=args.precision,
+                           null=args.null)
     print(overlap_markdown(result, "A", "B"))
     if result["skipped"]:
         print(f"skipped {len(result['skipped'])} tensor(s): " + ", ".join(n for n, _ in result["skipped"][:10]))
@@ -73,5 +75,7 @@ def register(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=1e-5, help="|delta| above which an entry counts as changed")
     p.add_argument("--precision", choices=("raw", "bf16"), default="raw",
                    help="'raw' (as stored) or 'bf16' (what two bf16 checkpoints would show)")
+    p.add_argument("--null", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure two random deltas of the same norms through the same precision (the chance level)")
     p.add_argument("--json", help="also write the per-module result here")
     p.set_defaults(func=_overlap)

@@ -7,6 +7,10 @@ For one module with ``n`` entries and masks ``A``, ``B`` (sizes ``a``, ``b``, in
 - Random expectation: two independent uniformly random masks of the same sizes share ``E[i] = a * b / n``
   coordinates, so ``E[i / a] = b / n``, ``E[i / b] = a / n`` and ``J_rand ~= E[i] / (a + b - E[i])``. Every statistic
   is also given as observed / expected ("lift"): 1 means no more overlap than chance.
+- Null (deltas only, `sparse_opd.analysis.delta_overlap`): uniform independence is the wrong chance level when
+  visibility depends on the weight (through bf16 a small update shows only where |W| is small, for any two deltas).
+  There the null is two independent isotropic random deltas with the same norms, put through the same precision
+  pipeline: their sizes and intersection give ``null_jaccard``, and ``jaccard_vs_null`` is observed / null.
 
 Totals sum the counts over the modules both masks contain (expectations too, module by module).
 """
@@ -53,6 +57,9 @@ def intersection(a: SparseMask, b: SparseMask) -> SparseMask:
     return SparseMask(indices, shapes)
 
 
+_NULL_FIELDS = ("null_size_a", "null_size_b", "null_intersection")
+
+
 @dataclass
 class Overlap:
     size_a: int
@@ -66,6 +73,23 @@ class Overlap:
     expected_jaccard: float
     expected_coverage_a: float
     expected_coverage_b: float
+    null_size_a: int | None = None
+    null_size_b: int | None = None
+    null_intersection: int | None = None
+
+    @property
+    def null_jaccard(self) -> float | None:
+        if self.null_intersection is None:
+            return None
+        union = self.null_size_a + self.null_size_b - self.null_intersection
+        return self.null_intersection / union if union else float("nan")
+
+    @property
+    def jaccard_vs_null(self) -> float | None:
+        null = self.null_jaccard
+        if null is None:
+            return None
+        return self.jaccard / null if null else float("nan")
 
     @property
     def jaccard_lift(self) -> float:
@@ -83,10 +107,15 @@ class Overlap:
         out = asdict(self)
         out.update(jaccard_lift=self.jaccard_lift, coverage_a_lift=self.coverage_a_lift,
                    coverage_b_lift=self.coverage_b_lift)
+        if self.null_intersection is not None:
+            out.update(null_jaccard=self.null_jaccard, jaccard_vs_null=self.jaccard_vs_null)
+        else:
+            for key in _NULL_FIELDS:
+                out.pop(key)
         return out
 
 
-def overlap_from_counts(a: int, b: int, i: int, expected: float) -> Overlap:
+def overlap_from_counts(a: int, b: int, i: int, expected: float, null: tuple[int, int, int] | None = None) -> Overlap:
     def ratio(x, y):
         return x / y if y else float("nan")
 
@@ -94,7 +123,7 @@ def overlap_from_counts(a: int, b: int, i: int, expected: float) -> Overlap:
         size_a=a, size_b=b, intersection=i, jaccard=ratio(i, a + b - i), coverage_a=ratio(i, a),
         coverage_b=ratio(i, b), overlap_coefficient=ratio(i, min(a, b)), expected_intersection=expected,
         expected_jaccard=ratio(expected, a + b - expected), expected_coverage_a=ratio(expected, a),
-        expected_coverage_b=ratio(expected, b),
+        expected_coverage_b=ratio(expected, b), **dict(zip(_NULL_FIELDS, null or ())),
     )
 
 
