@@ -373,7 +373,8 @@ def stage_report(out, _):
             else f"| {name} |  | {100 * r['accuracy']:.1f}% +/- {100 * r['stderr']:.1f} | "
             f"{100 * gain:+.1f} +/- {100 * se:.1f} |  |  |  |"
         )
-    for reference in ("full_seed0", "full_seed0_lr0.0002", "sparse_diff_adamw"):
+    references = ("full_seed0", "full_seed0_lr0.0002", "sparse_diff_adamw", "sparse_probe_adamw", "sparse_diff_sgd")
+    for reference in references:
         if done(out, reference):
             full = load_result(out, reference)["correct"]
             for name, r in rows[3:]:
@@ -381,9 +382,46 @@ def stage_report(out, _):
                     continue
                 gain, se = paired(full, r["correct"])
                 print(f"{name} - {reference}: {100 * gain:+.1f} +/- {100 * se:.1f} points (paired)")
+    for name in names:
+        adapter = os.path.join(out, name, "adapter", "adapter_model.safetensors")
+        if name.startswith("sparse") and os.path.exists(adapter):
+            norm, largest = sparse_update_size(adapter)
+            print(f"{name}: norm of the trained values {norm:.3f}, largest |value| {largest:.2e}")
+    if done(out, "sparse_probe_adamw") and done(out, "masks"):
+        print(json.dumps({"probe_mask_vs": probe_mask_overlap(out)}, indent=1))
     for name in ("masks", "overlap"):
         if done(out, name):
             print(json.dumps(load_result(out, name), indent=1))
+
+
+def sparse_update_size(adapter_file):
+    """Frobenius norm and largest entry of a sparse-delta adapter's trained values (the size of its update)."""
+    from safetensors import safe_open
+
+    squares, largest = 0.0, 0.0
+    with safe_open(adapter_file, "pt") as f:
+        for key in f.keys():
+            if key.endswith("sparse_delta_values"):
+                values = f.get_tensor(key).float()
+                squares += float(values.square().sum())
+                largest = max(largest, float(values.abs().max()))
+    return squares**0.5, largest
+
+
+def probe_mask_overlap(out):
+    """Overlap of the mask the probe run found (read back from its adapter) with the diff, near-zero and random ones."""
+    from peft import PeftModel
+
+    from sparse_opd.masks import SparseMask
+
+    student, _ = load_student()
+    adapter = os.path.join(out, "sparse_probe_adamw", "adapter")
+    probe = SparseMask.from_peft_model(PeftModel.from_pretrained(student, adapter))
+    result = {"density_by_block": probe.density_by("block")}
+    for other in ("diff", "near_zero", "random"):
+        other_mask = SparseMask.load(os.path.join(out, "masks", f"{other}.safetensors"))
+        result[other] = probe.overlap(other_mask)["total"].to_dict()
+    return result
 
 
 STAGES = {
