@@ -144,7 +144,12 @@ def test_cli_analyze_and_compare_write_reports_and_plots(tmp_path, capsys):
           "--json", str(tmp_path / "overlap.json")])
     total = json.loads((tmp_path / "overlap.json").read_text())["total"]
     assert total["intersection"] == total["size_a"] == total["size_b"] > 0
+    assert total["jaccard_vs_null"] > 1  # identical deltas overlap more than two random ones
     assert "| total |" in capsys.readouterr().out
+    main(["overlap", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "adapter"), "--no-null",
+          "--json", str(tmp_path / "overlap.json")])
+    assert "null_jaccard" not in json.loads((tmp_path / "overlap.json").read_text())["total"]
+    assert "Jaccard / that" not in capsys.readouterr().out
 
 
 def test_gram_route_matches_lapack_for_large_matrices(monkeypatch):

@@ -34,7 +34,7 @@ def delta_overlap(base, tuned_a, tuned_b, *, threshold: float = 1e-5, precision:
     carries the intersection and Jaccard index beside their expectation for two independent random sets of the same
     sizes (``|A| |B| / numel`` per matrix), and (``null=True``) beside the overlap of two independent isotropic random
     deltas with the same per-matrix norms put through the same threshold and precision (``null_jaccard``): the chance
-    level when visibility depends on ``W``, as it does in bf16.
+    level when visibility depends on ``W``, as it does in bf16 (on a random support as large as each delta's).
     """
     if not (threshold >= 0):
         raise ValueError(f"threshold must be >= 0, got {threshold}")
@@ -53,13 +53,13 @@ def delta_overlap(base, tuned_a, tuned_b, *, threshold: float = 1e-5, precision:
             continue
         w, d = pair_a
         changed_a = changed_entries(w, d, threshold, precision)
-        null_a = changed_entries(w, M.isotropic_like(d, generator), threshold, precision) if null else None
+        null_a = changed_entries(w, _random_delta_like(d, generator), threshold, precision) if null else None
         del d
         pair_b = b.pair(name)
         if pair_b is None:
             continue
         changed_b = changed_entries(w, pair_b[1], threshold, precision)
-        null_b = changed_entries(w, M.isotropic_like(pair_b[1], generator), threshold, precision) if null else None
+        null_b = changed_entries(w, _random_delta_like(pair_b[1], generator), threshold, precision) if null else None
         del pair_b, w
         counts = _counts(changed_a, changed_b)
         counts.append(counts[0] * counts[1] / changed_a.numel())
@@ -76,6 +76,19 @@ def delta_overlap(base, tuned_a, tuned_b, *, threshold: float = 1e-5, precision:
         raise ValueError(f"no weight matrix could be compared; skipped: {skipped}")
     return {"total": _overlap(total, null), "by_block": {k: _overlap(v, null) for k, v in blocks.items()},
             "modules": modules, "skipped": skipped}
+
+
+def _random_delta_like(d: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Isotropic Gaussian noise with ``D``'s norm on a random support as large as ``D``'s (a sparse adapter's null
+    must change as few entries as the adapter does; a dense delta's null is dense)."""
+    null = M.isotropic_like(d, generator)
+    nonzero = int(torch.count_nonzero(d))
+    if nonzero < d.numel():
+        null *= torch.rand(d.shape, generator=generator) < nonzero / d.numel()
+        norm = M.energy(null) ** 0.5
+        if norm:
+            null *= M.energy(d) ** 0.5 / norm
+    return null
 
 
 def _zero_counts() -> list:
