@@ -22,7 +22,7 @@ def prepare(workdir: str, shard_size: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sparse_opd.models import embedded_model_path
+    from sparse_opd.embedded import embedded_model_path
 
     if os.path.isdir(os.path.join(workdir, "tuned")):
         return

@@ -35,7 +35,7 @@ def run(steps: int, statistic: str, lr: float, data, tokenizer, workdir: str):
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from sparse_opd.masks import ProbeCallback
-    from sparse_opd.models import embedded_model_path
+    from sparse_opd.embedded import embedded_model_path
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.float32)
@@ -61,7 +61,7 @@ def main():
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from sparse_opd.models import embedded_model_path
+    from sparse_opd.embedded import embedded_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
     if tokenizer.pad_token is None:

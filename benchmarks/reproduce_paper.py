@@ -1,20 +1,21 @@
 """Reproduce "Dense Supervision, Sparse Updates" on the embedded SmolLM2-135M-Instruct, stage by stage.
 
-    python benchmarks/reproduce_paper.py all                 # every stage in order, skipping finished ones
-    python benchmarks/reproduce_paper.py full --seed 0       # one stage (see `--help`)
-    python benchmarks/reproduce_paper.py report              # print the tables from the finished stages
+    python benchmarks/reproduce_paper.py all                 # every run in order, skipping finished ones
+    python benchmarks/reproduce_paper.py full_seed0          # one run of the RUNS table (see `--help`)
+    python benchmarks/reproduce_paper.py report              # print the tables from the finished runs
 
 The student is trained by on-policy context distillation on the level-1 synthetic arithmetic task (the teacher is its
-own base weights shown the reference solution, as in `examples/opd_math.py`). Stages, each in its own process so that
-its peak RSS is its own, each writing `OUT/<run>/result.json` (finished stages are skipped on a rerun):
+own base weights shown the reference solution, as in `examples/opd_math.py`). Every run of the `RUNS` table runs in
+its own process, so that its peak RSS is its own, and writes `OUT/<name>/result.json` (finished runs are skipped on a
+rerun). Its stage says what it does:
 
 - `base`: held-out accuracy of the student and of the teacher;
-- `full --seed S [--lr LR]`: full-parameter OPD (AdamW), the merged checkpoint saved for the analyzer and the diff mask;
-- `analyze`: the analyzer on full OPD's delta (all precision modes, nulls), report.json / report.md / plots;
+- `full`: full-parameter OPD (AdamW), the merged checkpoint saved for the analyzer and the diff mask;
+- `analyze`: the analyzer on full OPD's delta (all precision modes, nulls), `OUT/analysis/report.json`, `report.md`
+  and plots;
 - `masks`: the diff mask (coordinates whose bf16 value changed), per-module matched random and near-zero masks;
 - `overlap`: the overlap of the two seeds' changed coordinates against random expectations;
-- `sparse --mask M --optim O`: retrain from the base on mask M (diff, random, near_zero, probe) with AdamW, SGD or
-  momentum SGD;
+- `sparse`: retrain from the base on a mask (diff, random, near_zero, probe) with AdamW, SGD or momentum SGD;
 - `lora`: LoRA on every linear layer with about the diff mask's trainable count.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 import math
 import os
 import resource
@@ -72,7 +74,7 @@ def load_result(out, name):
 
 
 def base_path():
-    from sparse_opd.models import resolve_model_path
+    from sparse_opd.embedded import resolve_model_path
 
     return resolve_model_path("embedded")
 
@@ -141,22 +143,22 @@ def train_and_score(trainer, tokenizer, test):
 
 
 # ---------------------------------------------------------------------------------------------------------- stages
-def stage_base(out, _):
+def stage_base(out, run):
     student, tokenizer = load_student()
     _, test = datasets()
     result = {"student": score(student, tokenizer, test), "teacher": score(student, tokenizer, test, "teacher_prompt")}
-    save_result(out, "base", result)
+    save_result(out, run.name, result)
 
 
-def stage_full(out, args):
-    from sparse_opd.trainer import DenseOPDTrainer
+def stage_full(out, run):
+    from sparse_opd.trainer import OPDTrainer
 
-    name, learning_rate = result_name("full", [], args), args.lr or FULL_LR
+    name, learning_rate = run.name, run.lr or FULL_LR
     student, tokenizer = load_student()
     train, test = datasets()
-    trainer = DenseOPDTrainer(
+    trainer = OPDTrainer(
         model=student,
-        args=opd_args(run_dir(out, name), args.seed, learning_rate),
+        args=opd_args(run_dir(out, name), run.seed, learning_rate),
         train_dataset=train,
         processing_class=tokenizer,
     )
@@ -167,19 +169,14 @@ def stage_full(out, args):
     save_result(out, name, result)
 
 
-def stage_analyze(out, _):
+def stage_analyze(out, run):
     from sparse_opd.analysis import analyze_delta
-    from sparse_opd.analysis.plots import write_plots
 
-    target = run_dir(out, "analysis")
     start = time.perf_counter()
     report = analyze_delta(base_path(), os.path.join(out, "full_seed0", "model"), progress=False)
-    report.to_json(os.path.join(target, "report.json"))
-    with open(os.path.join(target, "report.md"), "w") as f:
-        f.write(report.to_markdown())
-    write_plots(report.to_dict(), target)
+    report.save(run_dir(out, run.name))
     print(report.summary())
-    save_result(out, "analysis", {"seconds": time.perf_counter() - start, "summary": report.summary()})
+    save_result(out, run.name, {"seconds": time.perf_counter() - start, "summary": report.summary()})
 
 
 def diff_mask(out, seed):
@@ -202,7 +199,7 @@ def matched_masks(diff, student, seed=0):
     )
 
 
-def stage_masks(out, _):
+def stage_masks(out, run):
     from sparse_opd.masks import mask_overlap
 
     student, _ = load_student()
@@ -219,10 +216,10 @@ def stage_masks(out, _):
         "diff_vs_near_zero": mask_overlap(diff, near_zero)["total"].to_dict(),
         "diff_vs_random": mask_overlap(diff, random)["total"].to_dict(),
     }
-    save_result(out, "masks", result)
+    save_result(out, run.name, result)
 
 
-def stage_overlap(out, _):
+def stage_overlap(out, run):
     """Overlap of the two seeds' changed coordinates, as bf16 checkpoints would show them and as stored."""
     from sparse_opd.analysis import delta_overlap
 
@@ -234,29 +231,29 @@ def stage_overlap(out, _):
             "total": overlap["total"].to_dict(),
             "by_block": {k: v.to_dict() for k, v in overlap["by_block"].items()},
         }
-    save_result(out, "overlap", result)
+    save_result(out, run.name, result)
 
 
-def stage_sparse(out, args):
+def stage_sparse(out, run):
     from peft import get_peft_model
 
     from sparse_opd import SparseDeltaConfig
     from sparse_opd.masks import SparseMask
     from sparse_opd.trainer import SparseOPDTrainer
 
-    name = result_name("sparse", [], args)
+    name = run.name
     student, tokenizer = load_student()
     train, test = datasets()
     budget = load_result(out, "masks")
-    lr = args.lr or (SPARSE_LR if args.optim == "adamw" else SGD_LR[args.optim])
+    lr = run.lr or (SPARSE_LR if run.optim == "adamw" else SGD_LR[run.optim])
     optim = {"adamw": {}, "sgd": {"optim": "sgd"}, "sgd_momentum": {"optim": "sgd", "optim_args": "momentum=0.9"}}
-    config = opd_args(run_dir(out, name), 0, lr, **optim[args.optim])
-    if args.mask == "probe":
+    config = opd_args(run_dir(out, name), 0, lr, **optim[run.optim])
+    if run.mask == "probe":
         config.mask_strategy, config.mask_density = "probe", budget["density"]
         config.mask_probe_learning_rate = FULL_LR  # the probe's dense steps run at the full-OPD rate
         model = student
     else:
-        mask = SparseMask.load(os.path.join(out, "masks", f"{args.mask}.safetensors"))
+        mask = SparseMask.load(os.path.join(out, "masks", f"{run.mask}.safetensors"))
         model = get_peft_model(student, SparseDeltaConfig(mask=mask))
     start = time.perf_counter()
     trainer = SparseOPDTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
@@ -268,10 +265,10 @@ def stage_sparse(out, args):
     save_result(out, name, result)
 
 
-def stage_lora(out, args):
+def stage_lora(out, run):
     from peft import LoraConfig
 
-    from sparse_opd.trainer import DenseOPDTrainer
+    from sparse_opd.trainer import OPDTrainer
 
     student, tokenizer = load_student()
     train, test = datasets()
@@ -282,9 +279,9 @@ def stage_lora(out, args):
         if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
     )
     rank = max(1, round(budget / per_rank))
-    trainer = DenseOPDTrainer(
+    trainer = OPDTrainer(
         model=student,
-        args=opd_args(run_dir(out, "lora"), 0, LORA_LR),
+        args=opd_args(run_dir(out, run.name), 0, LORA_LR),
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0),
@@ -292,50 +289,58 @@ def stage_lora(out, args):
     result = train_and_score(trainer, tokenizer, test)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result.update(trainable=trainable, rank=rank, learning_rate=LORA_LR)
-    save_result(out, "lora", result)
+    save_result(out, run.name, result)
 
 
-# ----------------------------------------------------------------------------------------------------------- order
-PLAN = [  # most important first: a run cut short still answers the main questions
-    ("base", []),
-    ("full", ["--seed", "0"]),
-    ("analyze", []),
-    ("masks", []),
-    ("sparse", ["--mask", "diff", "--optim", "adamw", "--lr", "2e-5"]),  # at the full-OPD rate
-    ("sparse", ["--mask", "diff", "--optim", "adamw"]),
-    ("sparse", ["--mask", "random", "--optim", "adamw"]),
-    ("sparse", ["--mask", "near_zero", "--optim", "adamw"]),
-    ("full", ["--seed", "0", "--lr", "2e-4"]),  # is the masks' 10x rate what helps, mask or not?
-    ("lora", []),
-    ("sparse", ["--mask", "diff", "--optim", "sgd"]),
-    ("full", ["--seed", "1"]),
-    ("overlap", []),
-    ("sparse", ["--mask", "probe", "--optim", "adamw"]),
-    ("sparse", ["--mask", "diff", "--optim", "sgd_momentum"]),
-    ("sparse", ["--mask", "diff", "--optim", "sgd", "--lr", "1.0"]),
+# ------------------------------------------------------------------------------------------------------------ runs
+@dataclass(frozen=True)
+class Run:
+    """One row of the plan: the result directory `name`, the stage that makes it and that stage's settings."""
+
+    name: str
+    stage: str
+    seed: int = 0
+    mask: str | None = None
+    optim: str = "adamw"
+    lr: float | None = None  # default: FULL_LR (full), SPARSE_LR or SGD_LR (sparse)
+    reference: bool = False  # the report pairs every training run with this one
+
+    @property
+    def trains(self) -> bool:
+        return self.stage in ("full", "sparse", "lora")
+
+
+RUNS = [  # the plan, most important first: a run cut short still answers the main questions
+    Run("base", "base"),
+    Run("full_seed0", "full", reference=True),
+    Run("analysis", "analyze"),
+    Run("masks", "masks"),
+    Run("sparse_diff_adamw_lr2e-05", "sparse", mask="diff", lr=2e-5),  # at the full-OPD rate
+    Run("sparse_diff_adamw", "sparse", mask="diff", reference=True),
+    Run("sparse_random_adamw", "sparse", mask="random"),
+    Run("sparse_near_zero_adamw", "sparse", mask="near_zero"),
+    Run("full_seed0_lr0.0002", "full", lr=2e-4, reference=True),  # is the masks' 10x rate what helps, mask or not?
+    Run("lora", "lora"),
+    Run("sparse_diff_sgd", "sparse", mask="diff", optim="sgd", reference=True),
+    Run("full_seed1", "full", seed=1),
+    Run("overlap", "overlap"),
+    Run("sparse_probe_adamw", "sparse", mask="probe", reference=True),
+    Run("sparse_diff_sgd_momentum", "sparse", mask="diff", optim="sgd_momentum"),
+    Run("sparse_diff_sgd_lr1", "sparse", mask="diff", optim="sgd", lr=1.0),
 ]
+RUNS_BY_NAME = {run.name: run for run in RUNS}
 
 
-def result_name(stage, extra, args=None):
-    args = args or parse([stage, *extra])
-    if stage == "full":
-        return f"full_seed{args.seed}" + (f"_lr{args.lr:g}" if args.lr else "")
-    if stage == "sparse":
-        return f"sparse_{args.mask}_{args.optim}" + (f"_lr{args.lr:g}" if args.lr else "")
-    return {"analyze": "analysis"}.get(stage, stage)
-
-
-def stage_all(out, _):
-    for stage, extra in PLAN:
-        name = result_name(stage, extra)
-        if done(out, name):
-            print(f"== {name}: done", flush=True)
+def stage_all(out):
+    for run in RUNS:
+        if done(out, run.name):
+            print(f"== {run.name}: done", flush=True)
             continue
-        print(f"== {name}: running", flush=True)
+        print(f"== {run.name}: running", flush=True)
         start = time.perf_counter()
-        subprocess.run([sys.executable, __file__, stage, *extra, "--out", out], check=True)
-        print(f"== {name}: {time.perf_counter() - start:.0f}s", flush=True)
-    stage_report(out, None)
+        subprocess.run([sys.executable, __file__, run.name, "--out", out], check=True)
+        print(f"== {run.name}: {time.perf_counter() - start:.0f}s", flush=True)
+    stage_report(out)
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -348,15 +353,12 @@ def paired(a, b):
     return mean, math.sqrt(var / n)
 
 
-def stage_report(out, _):
+def stage_report(out):
     base = load_result(out, "base")
     before = base["student"]["correct"]
+    trained = [run for run in RUNS if run.trains and done(out, run.name)]
     rows = [("student (base)", base["student"]), ("teacher (base + solution)", base["teacher"])]
-    names = ["full_seed0", "full_seed1", "full_seed0_lr0.0002", "sparse_diff_adamw_lr2e-05", "sparse_diff_adamw",
-             "sparse_random_adamw",
-             "sparse_near_zero_adamw", "sparse_probe_adamw", "lora", "sparse_diff_sgd", "sparse_diff_sgd_lr1",
-             "sparse_diff_sgd_momentum"]
-    rows += [(n, load_result(out, n)) for n in names if done(out, n)]
+    rows += [(run.name, load_result(out, run.name)) for run in trained]
     full_gain = None
     if done(out, "full_seed0"):
         full_gain = paired(before, load_result(out, "full_seed0")["correct"])[0]
@@ -373,20 +375,17 @@ def stage_report(out, _):
             else f"| {name} |  | {100 * r['accuracy']:.1f}% +/- {100 * r['stderr']:.1f} | "
             f"{100 * gain:+.1f} +/- {100 * se:.1f} |  |  |  |"
         )
-    references = ("full_seed0", "full_seed0_lr0.0002", "sparse_diff_adamw", "sparse_probe_adamw", "sparse_diff_sgd")
-    for reference in references:
-        if done(out, reference):
-            full = load_result(out, reference)["correct"]
-            for name, r in rows[3:]:
-                if name == reference:
-                    continue
-                gain, se = paired(full, r["correct"])
-                print(f"{name} - {reference}: {100 * gain:+.1f} +/- {100 * se:.1f} points (paired)")
-    for name in names:
-        adapter = os.path.join(out, name, "adapter", "adapter_model.safetensors")
-        if name.startswith("sparse") and os.path.exists(adapter):
+    for reference in (run for run in trained if run.reference):
+        correct = load_result(out, reference.name)["correct"]
+        for run in trained:
+            if run is not reference:
+                gain, se = paired(correct, load_result(out, run.name)["correct"])
+                print(f"{run.name} - {reference.name}: {100 * gain:+.1f} +/- {100 * se:.1f} points (paired)")
+    for run in trained:
+        adapter = os.path.join(out, run.name, "adapter", "adapter_model.safetensors")
+        if run.stage == "sparse" and os.path.exists(adapter):
             norm, largest = sparse_update_size(adapter)
-            print(f"{name}: norm of the trained values {norm:.3f}, largest |value| {largest:.2e}")
+            print(f"{run.name}: norm of the trained values {norm:.3f}, largest |value| {largest:.2e}")
     if done(out, "sparse_probe_adamw") and done(out, "masks"):
         print(json.dumps({"probe_mask_vs": probe_mask_overlap(out)}, indent=1))
     for name in ("masks", "overlap"):
@@ -412,11 +411,12 @@ def probe_mask_overlap(out):
     """Overlap of the mask the probe run found (read back from its adapter) with the diff, near-zero and random ones."""
     from peft import PeftModel
 
+    from sparse_opd import adapter_mask
     from sparse_opd.masks import SparseMask
 
     student, _ = load_student()
     adapter = os.path.join(out, "sparse_probe_adamw", "adapter")
-    probe = SparseMask.from_peft_model(PeftModel.from_pretrained(student, adapter))
+    probe = adapter_mask(PeftModel.from_pretrained(student, adapter))
     result = {"density_by_block": probe.density_by("block")}
     for other in ("diff", "near_zero", "random"):
         other_mask = SparseMask.load(os.path.join(out, "masks", f"{other}.safetensors"))
@@ -432,26 +432,27 @@ STAGES = {
     "overlap": stage_overlap,
     "sparse": stage_sparse,
     "lora": stage_lora,
-    "all": stage_all,
-    "report": stage_report,
 }
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=list(STAGES))
-    parser.add_argument("--out", default="outputs/reproduction")
-    parser.add_argument("--seed", type=int, default=0, choices=SEEDS)
-    parser.add_argument("--mask", default="diff", choices=["diff", "random", "near_zero", "probe"])
-    parser.add_argument("--optim", default="adamw", choices=["adamw", "sgd", "sgd_momentum"])
-    parser.add_argument("--lr", type=float, default=None, help="learning rate of a full or sparse run (default: FULL_LR, or by optimizer)")
+    parser.add_argument("run", choices=["all", "report", *RUNS_BY_NAME],
+                        help="a run of the RUNS table, 'all' (every unfinished run, then the report) or 'report'")
+    parser.add_argument("--out", default="outputs/reproduction", help="directory of the runs' results")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    STAGES[args.stage](args.out, args)
+    if args.run == "all":
+        stage_all(args.out)
+    elif args.run == "report":
+        stage_report(args.out)
+    else:
+        run = RUNS_BY_NAME[args.run]
+        STAGES[run.stage](args.out, run)
 
 
 if __name__ == "__main__":

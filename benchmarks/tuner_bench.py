@@ -44,7 +44,7 @@ def load_model(name: str, dtype):
             vocab_size=2048, max_position_embeddings=256,
         )
         return transformers.LlamaForCausalLM(config).to(dtype)
-    from sparse_opd.models import embedded_model_path
+    from sparse_opd.embedded import embedded_model_path
 
     return transformers.AutoModelForCausalLM.from_pretrained(embedded_model_path(), dtype=dtype)
 

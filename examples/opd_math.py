@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 import sparse_opd  # noqa: F401  (registers the sparse-delta PEFT method)
 from sparse_opd.masks import block_of
-from sparse_opd.models import resolve_model_path
+from sparse_opd.embedded import resolve_model_path
 from sparse_opd.tasks import arithmetic_dataset, evaluate_model, prepare_qa_dataset
 from sparse_opd.trainer import SparseOPDConfig, SparseOPDTrainer, sparse_delta_layers, sparse_delta_stats
 

@@ -21,7 +21,7 @@ def main(out_dir: str) -> None:
     model = make_model("llama", seed=0)
     # every rank draws the same mask from the same seed; data differs per rank, so values stay equal only if
     # DDP averages the value gradients
-    config = SparseDeltaConfig(mask_init="random", density=0.05, mask_seed=0)
+    config = SparseDeltaConfig(mask_init="random", mask_density=0.05, mask_seed=0)
     peft_model = get_peft_model(model, config)
     peft_model.train()
     ddp = DDP(peft_model)

@@ -18,7 +18,7 @@ def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    peft_model = get_peft_model(make_model("llama", seed=0), SparseDeltaConfig(mask_init="random", density=0.05))
+    peft_model = get_peft_model(make_model("llama", seed=0), SparseDeltaConfig(mask_init="random", mask_density=0.05))
     peft_model.train()
     for layer in peft_model.base_model.model.model.layers:
         fully_shard(layer)

@@ -65,8 +65,9 @@ def test_sub_ulp_delta_is_changed_raw_and_invisible_in_bf16():
 def test_near_zero_lift_detects_changes_on_small_weights():
     w = torch.randn(100, 100, generator=GEN)
     small = w.abs() <= w.abs().reshape(-1).kthvalue(1000).values
-    assert M.near_zero_lift(w, small, (0.1,))[0.1] == pytest.approx(10.0)
-    assert M.near_zero_lift(w, torch.ones_like(w, dtype=torch.bool), (0.1,))[0.1] == pytest.approx(1.0, rel=0.01)
+    assert M.near_zero_lift(w, small.float(), "raw", 1e-5, (0.1,))[0.1] == pytest.approx(10.0)
+    assert M.near_zero_lift(w, torch.ones_like(w), "raw", 1e-5, (0.1,))[0.1] == pytest.approx(1.0, rel=0.01)
+    assert M.near_zero_lift(w, small.float(), "top", 0.5, (0.1,))[0.1] == pytest.approx(10.0)
 
 
 def test_module_type_split_with_known_energies():
@@ -94,7 +95,7 @@ def test_adapter_deltas_equal_the_merged_model_diff(tmp_path, method):
         config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False,
                             fan_in_fan_out=True)
     else:
-        config = SparseDeltaConfig(mask_init="random", density=0.05, init_weights=False)
+        config = SparseDeltaConfig(mask_init="random", mask_density=0.05, init_weights=False)
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(tmp_path / "adapter")
     merged = _state(peft_model.merge_and_unload())
@@ -129,24 +130,24 @@ def test_cli_analyze_and_compare_write_reports_and_plots(tmp_path, capsys):
 
     model = make_model("llama")
     model.save_pretrained(tmp_path / "base")
-    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="magnitude", density=0.05, init_weights=False))
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="near_zero", mask_density=0.05, init_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "adapter"), "--out", str(tmp_path / "r")]) == 0
     for name in ("report.json", "report.md", "energy_by_type.png", "spectra.png", "sparsity_by_precision.png"):
         assert (tmp_path / "r" / name).is_file(), name
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert data["aggregates"]["unchanged"]["raw"]["0"] == pytest.approx(0.95, abs=0.01)
-    assert data["aggregates"]["median"]["near_zero_lift_raw_q0.1"] > 5  # magnitude mask = the smallest weights
+    assert data["aggregates"]["median"]["near_zero_lift_raw_q0.1"] > 5  # near-zero mask = the smallest weights
     assert "Source-subspace alignment by subspace size" in (tmp_path / "r" / "report.md").read_text()
     main(["compare", str(tmp_path / "r" / "report.json"), str(tmp_path / "r" / "report.json")])
     assert "FFN energy share" in capsys.readouterr().out
-    main(["overlap", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "adapter"), "--threshold", "0",
+    main(["overlap", str(tmp_path / "adapter"), str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--threshold", "0",
           "--json", str(tmp_path / "overlap.json")])
     total = json.loads((tmp_path / "overlap.json").read_text())["total"]
     assert total["intersection"] == total["size_a"] == total["size_b"] > 0
     assert total["jaccard_vs_null"] > 1  # identical deltas overlap more than two random ones
     assert "| total |" in capsys.readouterr().out
-    main(["overlap", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "adapter"), "--no-null",
+    main(["overlap", str(tmp_path / "adapter"), str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--no-null",
           "--json", str(tmp_path / "overlap.json")])
     assert "null_jaccard" not in json.loads((tmp_path / "overlap.json").read_text())["total"]
     assert "Jaccard / that" not in capsys.readouterr().out
@@ -239,7 +240,7 @@ def test_delta_overlap_of_an_adapter_and_its_merged_checkpoint_is_total(tmp_path
 
     model = make_model("llama")
     model.save_pretrained(tmp_path / "base")
-    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="random", density=0.05, init_weights=False))
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="random", mask_density=0.05, init_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     merged = _state(peft_model.merge_and_unload())
     result = delta_overlap(tmp_path / "base", tmp_path / "adapter", merged, threshold=0.0)
@@ -297,7 +298,9 @@ def test_streamed_elementwise_pass_is_exact_across_row_blocks(monkeypatch):
     row = analyze_matrix("model.layers.0.mlp.up_proj", w, d)
     assert row["unchanged_raw_0"] == pytest.approx(276 / 300) and row["unchanged_raw_1e-05"] == pytest.approx(291 / 300)
     assert row["unchanged_bf16_0"] == pytest.approx(float((M.bf16_visible(w, d) == 0).double().mean()))
-    lift = M.near_zero_lift(w, d.abs() > 1e-5, (0.1,))[0.1]
+    changed = d.abs() > 1e-5  # by hand, unstreamed: P(|W| <= Q_0.1(|W|) | changed) / 0.1
+    q10 = w.abs().reshape(-1).sort().values[math.ceil(0.1 * w.numel()) - 1]
+    lift = float((w.abs()[changed] <= q10).double().mean()) / 0.1
     assert row["near_zero_lift_raw_q0.1"] == pytest.approx(lift)
     # the null has d's norm: spread over 300 entries it stays below 1e-5 nowhere near as often as d does
     assert row["null_unchanged_raw_1e-05"] < row["unchanged_raw_1e-05"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 
-from sparse_opd import SparseDeltaConfig, SparseMask
+from sparse_opd import SparseDeltaConfig, SparseMask, adapter_mask
 from sparse_opd.masks import ProbeCallback, allocate_budget, block_of, mask_overlap, near_zero_mask, random_mask
 from tiny_models import make_model
 
@@ -162,7 +163,7 @@ def test_mask_file_round_trip_and_peft_conversion(tmp_path):
     loaded = SparseMask.load(tmp_path / "m.safetensors")
     assert loaded == mask
     peft_model = get_peft_model(model, SparseDeltaConfig(mask=tmp_path / "m.safetensors"))
-    assert SparseMask.from_peft_model(peft_model) == mask
+    assert adapter_mask(peft_model) == mask
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors mask file"):
         SparseMask.load(tmp_path / "bad.safetensors")
@@ -198,13 +199,16 @@ def test_cli_diff_stats_overlap_and_combine(tmp_path, capsys):
 
     base, tuned, planted = _planted_pair(tmp_path, torch.float32, True)
     assert main(["mask", "diff", str(base), str(tuned), "--out", str(tmp_path / "d.safetensors"),
-                 "--report", str(tmp_path / "r.json")]) == 0
+                 "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["total_fraction"] > 0
     assert SparseMask.load(tmp_path / "d.safetensors").count() == 6
     main(["mask", "stats", str(tmp_path / "d.safetensors"), "--by", "type"])
     out = capsys.readouterr().out
     assert "| up | 4 |" in out and "| q | 2 |" in out
-    main(["mask", "overlap", str(tmp_path / "d.safetensors"), str(tmp_path / "d.safetensors")])
+    main(["overlap", str(tmp_path / "d.safetensors"), str(tmp_path / "d.safetensors")])
     assert "| jaccard | 1.0000 |" in capsys.readouterr().out
+    main(["overlap", str(tmp_path / "d.safetensors"), str(tmp_path / "d.safetensors"), "--json"])
+    assert json.loads(capsys.readouterr().out)["total"]["jaccard"] == 1.0
     main(["mask", "combine", str(tmp_path / "d.safetensors"), str(tmp_path / "d.safetensors"), "--op",
           "intersection", "--out", str(tmp_path / "i.safetensors")])
     assert SparseMask.load(tmp_path / "i.safetensors") == SparseMask.load(tmp_path / "d.safetensors")

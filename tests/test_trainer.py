@@ -15,13 +15,13 @@ from sparse_opd import SparseDeltaConfig
 from sparse_opd.tasks import arithmetic_dataset
 from sparse_opd.trainer import (
     BaseWeightsTeacher,
-    DenseOPDTrainer,
+    OPDTrainer,
     SparseOPDConfig,
     SparseOPDTrainer,
     sparse_delta_layers,
     sparse_delta_stats,
 )
-from sparse_opd.trainer.vllm_sync import compose_merged_weight, iter_merged_named_weights
+from sparse_opd.tuner import compose_merged_weight, iter_merged_named_weights
 
 
 def make_args(tmp_path, **overrides):
@@ -276,7 +276,7 @@ def test_mask_strategies_build_the_adapter(tmp_path, tokenizer, train_set, strat
 
 
 def test_accepts_a_sparse_delta_peft_model_and_a_peft_config(tmp_path, tokenizer, train_set):
-    config = SparseDeltaConfig(mask_init="random", density=0.1)
+    config = SparseDeltaConfig(mask_init="random", mask_density=0.1)
     peft_model = get_peft_model(tiny_llama(tokenizer), config)
     args = make_args(tmp_path, mask_strategy=None)
     trainer = SparseOPDTrainer(model=peft_model, args=args, train_dataset=train_set, processing_class=tokenizer)
@@ -286,7 +286,7 @@ def test_accepts_a_sparse_delta_peft_model_and_a_peft_config(tmp_path, tokenizer
         args=args,
         train_dataset=train_set,
         processing_class=tokenizer,
-        peft_config=SparseDeltaConfig(mask_init="magnitude", density=0.1),
+        peft_config=SparseDeltaConfig(mask_init="near_zero", mask_density=0.1),
     )
     assert sparse_delta_layers(trainer.model, "default")
 
@@ -330,7 +330,7 @@ def test_setup_errors_name_the_problem_and_the_fix(tmp_path, tokenizer, train_se
 
 
 def test_telemetry_counts_moved_and_bf16_visible_values(tokenizer):
-    model = get_peft_model(tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", density=0.1))
+    model = get_peft_model(tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", mask_density=0.1))
     layers = sparse_delta_layers(model, "default")
     name, layer = next(iter(layers.items()))
     values = layer.sparse_delta_values["default"]
@@ -349,7 +349,7 @@ def test_telemetry_counts_moved_and_bf16_visible_values(tokenizer):
 
 def test_composed_merged_weight_rounds_once_and_leaves_the_base_untouched(tokenizer):
     model = tiny_llama(tokenizer).to(torch.bfloat16)
-    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="random", density=0.3))
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="random", mask_density=0.3))
     layer = next(iter(sparse_delta_layers(peft_model, "default").values()))
     with torch.no_grad():
         layer.sparse_delta_values["default"].normal_(0, 1e-3)
@@ -367,10 +367,10 @@ def test_composed_merged_weight_rounds_once_and_leaves_the_base_untouched(tokeni
 
 
 def test_merged_generation_matches_unmerged_and_restores_the_base(tokenizer):
-    from sparse_opd.trainer.generation import merged_sparse_delta
+    from sparse_opd.tuner import merged_sparse_delta
 
     model = get_peft_model(
-        tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", density=0.2, init_weights=False)
+        tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", mask_density=0.2, init_weights=False)
     )
     model.eval()
     before = {n: p.clone() for n, p in model.named_parameters()}
@@ -417,7 +417,7 @@ def test_vllm_sync_streams_plain_names_and_merged_weights(tokenizer):
 
     from sparse_opd.trainer.vllm_sync import install_vllm_sync
 
-    model = get_peft_model(tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", density=0.2, init_weights=False))
+    model = get_peft_model(tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", mask_density=0.2, init_weights=False))
     gathered = []
     fake = types.SimpleNamespace(
         _dist=types.SimpleNamespace(
@@ -495,7 +495,7 @@ def test_diff_strategy_trains_exactly_the_coordinates_that_changed(tmp_path, tok
 def test_dense_opd_trainer_moves_every_weight_against_a_frozen_copy_of_the_start(tmp_path, tokenizer, train_set):
     student = student_model(tokenizer)
     start = {k: v.clone() for k, v in student.state_dict().items()}
-    trainer = DenseOPDTrainer(
+    trainer = OPDTrainer(
         model=student,
         args=make_args(tmp_path, mask_strategy=None, max_steps=2, learning_rate=1e-3),
         train_dataset=train_set,
@@ -512,7 +512,7 @@ def test_dense_opd_trainer_moves_every_weight_against_a_frozen_copy_of_the_start
 def test_dense_opd_trainer_with_lora_uses_the_disabled_adapter_as_teacher(tmp_path, tokenizer, train_set):
     from peft import LoraConfig
 
-    trainer = DenseOPDTrainer(
+    trainer = OPDTrainer(
         model=student_model(tokenizer),
         args=make_args(tmp_path, mask_strategy=None, max_steps=2, learning_rate=1e-2),
         train_dataset=train_set,
@@ -525,7 +525,7 @@ def test_dense_opd_trainer_with_lora_uses_the_disabled_adapter_as_teacher(tmp_pa
     assert divergence(trainer, batch) > 0  # random-init LoRA: the student differs from its base weights
     trainer.train()
     with pytest.raises(ValueError, match="no teacher"):
-        DenseOPDTrainer(
+        OPDTrainer(
             model=student_model(tokenizer),
             args=make_args(tmp_path, mask_strategy=None, teacher_prompt_column=None),
             train_dataset=train_set,

@@ -207,10 +207,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokens):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_mask_init_magnitude_picks_the_smallest_weights():
+def test_mask_init_near_zero_picks_the_smallest_weights():
     model = make_model("llama")
     weight = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="magnitude", density=0.1))
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="near_zero", mask_density=0.1))
     layer = peft_model.base_model.model.model.layers[0].mlp.up_proj
     idx = layer.sparse_delta_indices["default"]
     chosen = weight.abs().reshape(-1)[idx]
@@ -245,11 +245,11 @@ def test_mask_given_as_a_file_path_and_as_boolean_tensors(tokens, tmp_path):
             assert torch.equal(layer.sparse_delta_indices["default"], mask[name])
 
 
-@pytest.mark.parametrize("mask_init", ["magnitude", "random"])
+@pytest.mark.parametrize("mask_init", ["near_zero", "random"])
 def test_adapters_made_with_mask_init_reload(tokens, tmp_path, mask_init):
     model = make_model("llama")
     state = copy.deepcopy(model.state_dict())
-    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init=mask_init, density=0.1, init_weights=False))
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init=mask_init, mask_density=0.1, init_weights=False))
     expected = peft_model(tokens).logits
     peft_model.save_pretrained(tmp_path)
     fresh = make_model("llama")

@@ -50,13 +50,13 @@ def test_bad_flat_indices(indices, message):
         get_peft_model(model, SparseDeltaConfig(mask={UP: indices}))
 
 
-def test_empty_mask_and_missing_coordinates():
+def test_empty_mask_and_contradictory_coordinates():
     with pytest.raises(ValueError, match="mask is empty"):
         SparseDeltaConfig(mask={})
-    with pytest.raises(ValueError, match="needs coordinates"):
-        SparseDeltaConfig()
-    with pytest.raises(ValueError, match="needs a density"):
-        SparseDeltaConfig(mask_init="magnitude")
+    with pytest.raises(ValueError, match="not both"):
+        SparseDeltaConfig(mask={UP: torch.tensor([0, 1])}, mask_init="random")
+    with pytest.raises(ValueError, match="mask_density must be in"):
+        SparseDeltaConfig(mask_init="near_zero", mask_density=0)
 
 
 def test_mask_built_for_another_shape():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import keys as K
+
 
 def _fmt(x) -> str:
     if isinstance(x, float):
@@ -27,7 +29,7 @@ def report_markdown(report) -> str:
     lines += ["", "## Numerical rank ratio by threshold (median; rank = #{s_i > tau s_1} / min(m, n))", "",
               "| tau | delta | null |", "|---:|---:|---:|"]
     lines += [f"| {t} | {v['delta']:.3f} | {v['null']:.3f} |" for t, v in a["rank_ratio_by_tau"].items()]
-    lines += ["", "## Source-subspace alignment by subspace size (median energy share; r = fraction x min(m, n))", "",
+    lines += ["", "## Source-subspace alignment by subspace size (median energy share; r = max(1, int(fraction x min(m, n))), as in the paper's code)", "",
               "| fraction | both | null | random expectation | left | null | expected | right | null | expected |",
               "|---:|" + "---:|" * 9]
     for f, v in a["alignment_by_fraction"].items():
@@ -38,8 +40,9 @@ def report_markdown(report) -> str:
                   "|---|---:|---:|---:|"]
         lines += [f"| {g} | {v['energy_share']:.3f} | {v.get('entry_share', 0.0):.3f} | {v['rel_norm']:.3e} |"
                   for g, v in a[key].items()]
-    cols = ["name", "rel_norm", "unchanged_raw_1e-05", "unchanged_bf16_0", "rank_ratio", "top16_energy",
-            "null_top16_energy", "align_both", "null_align_both", "near_zero_lift_raw_q0.1", "near_zero_lift_top10_q0.1"]
+    cols = ["name", "rel_norm", K.unchanged("raw", 1e-5), K.unchanged("bf16", 0), K.rank_ratio(), K.top_energy(16),
+            K.top_energy(16, "null_"), K.align("both"), K.align("both", prefix="null_"), K.near_zero_lift("raw", 0.1),
+            K.near_zero_lift("top10", 0.1)]
     lines += ["", "## Per matrix", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in report.rows]
     if report.skipped:
@@ -57,17 +60,17 @@ def compare_markdown(named: dict[str, dict]) -> str:
         ("invisible in bf16 (null)", lambda a: a.get("null_unchanged", {}).get("bf16_0", "")),
         ("FFN energy share", lambda a: a["by_block"].get("ffn", {}).get("energy_share", 0.0)),
         ("FFN share of entries", lambda a: a["by_block"].get("ffn", {}).get("entry_share", "")),
-        ("median rank ratio", lambda a: a["median"]["rank_ratio"]),
+        ("median rank ratio", lambda a: a["median"][K.rank_ratio()]),
         ("median stable rank", lambda a: a["median"].get("stable_rank", "")),
         ("median stable rank (null)", lambda a: a["median"].get("null_stable_rank", "")),
-        ("median top-16 energy", lambda a: a["median"]["top16_energy"]),
-        ("median top-16 energy (null)", lambda a: a["median"]["null_top16_energy"]),
-        ("median alignment both", lambda a: a["median"]["align_both"]),
-        ("median alignment both (null)", lambda a: a["median"]["null_align_both"]),
-        ("near-zero lift q0.1 (raw)", lambda a: a["median"]["near_zero_lift_raw_q0.1"]),
-        ("near-zero lift q0.1 (largest 10% of updates)", lambda a: a["median"].get("near_zero_lift_top10_q0.1", "")),
-        ("near-zero lift q0.1 (bf16-visible)", lambda a: a["median"]["near_zero_lift_bf16_q0.1"]),
-        ("near-zero lift q0.1 (null through bf16)", lambda a: a["median"]["near_zero_lift_null_bf16_q0.1"]),
+        ("median top-16 energy", lambda a: a["median"][K.top_energy(16)]),
+        ("median top-16 energy (null)", lambda a: a["median"][K.top_energy(16, "null_")]),
+        ("median alignment both", lambda a: a["median"][K.align("both")]),
+        ("median alignment both (null)", lambda a: a["median"][K.align("both", prefix="null_")]),
+        ("near-zero lift q0.1 (raw)", lambda a: a["median"][K.near_zero_lift("raw", 0.1)]),
+        ("near-zero lift q0.1 (largest 10% of updates)", lambda a: a["median"].get(K.near_zero_lift("top10", 0.1), "")),
+        ("near-zero lift q0.1 (bf16-visible)", lambda a: a["median"][K.near_zero_lift("bf16", 0.1)]),
+        ("near-zero lift q0.1 (null through bf16)", lambda a: a["median"][K.near_zero_lift("null_bf16", 0.1)]),
     ]
     lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for title, get in rows:

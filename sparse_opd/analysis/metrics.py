@@ -40,15 +40,42 @@ def energy(x: torch.Tensor) -> float:
 
 
 def relative_norm(w: torch.Tensor, d: torch.Tensor) -> float:
-    """``||D||_F / ||W||_F``."""
+    """``||D||_F / ||W||_F`` (NaN for an all-zero ``W``)."""
     _check_pair(w, d)
-    return (energy(d) / energy(w)) ** 0.5
+    w_energy = energy(w)
+    return (energy(d) / w_energy) ** 0.5 if w_energy else float("nan")
 
 
 def fraction_unchanged(d: torch.Tensor, taus=TAUS) -> dict[float, float]:
-    """``mean(|D| <= tau)`` for each ``tau`` (``tau = 0``: entries that did not change at all)."""
-    a = d.abs()
-    return {tau: float((a <= tau).double().mean()) for tau in taus}
+    """``mean(|D| <= tau)`` for each ``tau`` (``tau = 0``: entries that did not change at all), over row blocks."""
+    counts = dict.fromkeys(taus, 0)
+    for block in row_blocks(_as_2d(d)):
+        a = block.float().abs()
+        for tau in taus:
+            counts[tau] += int((a <= tau).sum())
+    return {tau: count / d.numel() for tau, count in counts.items()}
+
+
+def fraction_unchanged_bf16(w: torch.Tensor, d: torch.Tensor, taus=TAUS) -> dict[float, float]:
+    """``mean(|bf16(W + D) - bf16(W)| <= tau)``: how much of ``D`` a bfloat16 checkpoint cannot show."""
+    _check_pair(w, d)
+    counts = dict.fromkeys(taus, 0)
+    for wb, db in zip(row_blocks(w), row_blocks(d)):
+        visible = bf16_visible(wb, db).abs()
+        for tau in taus:
+            counts[tau] += int((visible <= tau).sum())
+    return {tau: count / d.numel() for tau, count in counts.items()}
+
+
+def fraction_below_half_bf16_step(w: torch.Tensor, d: torch.Tensor) -> float:
+    """``mean(|D| < bf16_step(W) / 2)``: entries whose update a bf16 weight rounds away."""
+    _check_pair(w, d)
+    below = sum(int((db.float().abs() < 0.5 * bf16_step(wb)).sum()) for wb, db in zip(row_blocks(w), row_blocks(d)))
+    return below / d.numel()
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 2 else x.reshape(1, -1)
 
 
 GRAM_ABOVE = 1 << 22  # entries; larger matrices go through a float64 Gram matrix of the smaller side
@@ -121,6 +148,13 @@ def top_k_energy(s: torch.Tensor, ks=TOP_KS) -> dict[int, float]:
     return {k: float(e[:k].sum() / total) if total > 0 else 0.0 for k in ks}
 
 
+def subspace_size(fraction: float, m: int, n: int) -> int:
+    """``r = max(1, int(fraction * min(m, n)))``: the size of the source subspace, as in the paper's own code."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"the subspace fraction must be in (0, 1], got {fraction}")
+    return max(1, int(fraction * min(m, n)))
+
+
 def subspace_alignment(u: torch.Tensor, v: torch.Tensor, d: torch.Tensor, r: int) -> dict[str, float]:
     """Share of ``||D||_F^2`` inside the top-``r`` singular subspaces of ``W = U S V^T`` (``u``, ``v``: at least
     ``r`` leading singular vectors as columns).
@@ -180,18 +214,39 @@ def abs_quantiles(w: torch.Tensor, quantiles=(0.1, 0.25, 0.5)) -> dict[float, fl
     return out
 
 
-def near_zero_lift(w: torch.Tensor, changed: torch.Tensor, quantiles=(0.1, 0.25, 0.5),
-                   thresholds: dict[float, float] | None = None) -> dict[float, float]:
+CHANGE_RULES = ("raw", "bf16", "top")
+
+
+def changed_entries(w: torch.Tensor, d: torch.Tensor, rule: str, threshold: float) -> torch.Tensor:
+    """Boolean map of the entries a delta changed: ``|D| > threshold`` as stored (``"raw"``; ``"top"`` is the same
+    rule with an order statistic of ``|D|`` as the threshold) or ``|bf16(W + D) - bf16(W)| > threshold``
+    (``"bf16"``: what two bf16 checkpoints would show)."""
+    if rule == "bf16":
+        return bf16_visible(w, d).abs() > threshold
+    if rule in ("raw", "top"):
+        return d.float().abs() > threshold
+    raise ValueError(f"rule must be one of {CHANGE_RULES}, got {rule!r}")
+
+
+def near_zero_lift(w: torch.Tensor, d: torch.Tensor, rule: str = "raw", threshold: float = 1e-5,
+                   quantiles=(0.1, 0.25, 0.5), thresholds: dict[float, float] | None = None) -> dict[float, float]:
     """For each ``q``: ``P(|W| <= Q_q(|W|) | changed) / q`` (1 = no bias; >1 = changes favour near-zero weights).
 
-    ``thresholds`` (from `abs_quantiles`) can be passed to score several change sets against one weight.
+    ``changed`` is `changed_entries(W, D, rule, threshold)`: ``|D| > threshold`` (``"raw"``), the largest updates
+    (``"top"``: pass ``threshold = Q_0.9(|D|)`` for the largest 10%), or the bf16-visible ones (``"bf16"``).
+    Streamed over row blocks; ``thresholds`` (from `abs_quantiles`) can be passed to score several deltas against
+    one weight without recomputing ``Q_q(|W|)``.
     """
-    c = changed.reshape(-1)
-    if not bool(c.any()):
-        return {q: float("nan") for q in quantiles}
+    _check_pair(w, d)
     thresholds = thresholds or abs_quantiles(w, quantiles)
-    a = w.abs().reshape(-1).float()[c]
-    return {q: float((a <= thresholds[q]).double().mean()) / q for q in quantiles}
+    changed, below = 0, dict.fromkeys(quantiles, 0)
+    for wb, db in zip(row_blocks(w), row_blocks(d)):
+        c = changed_entries(wb, db, rule, threshold)
+        changed += int(c.sum())
+        a = wb.float().abs()
+        for q in quantiles:
+            below[q] += int((c & (a <= thresholds[q])).sum())
+    return {q: below[q] / changed / q if changed else float("nan") for q in quantiles}
 
 
 def bf16_visible(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,18 @@ import torch
 
 from ..masks.module_types import block_of, layer_index, module_type
 from ..memory import release_freed_memory
+from . import keys as K
 from . import metrics as M
 from .sources import open_source
 
 CHANGED_TAU = 1e-5  # the paper's "moved" threshold
+# per-matrix numbers whose median across matrices the report shows beside their nulls
+MEDIANS = (
+    K.rank_ratio(), K.rank_ratio(prefix="null_"), "stable_rank", "null_stable_rank", "effective_rank",
+    "null_effective_rank", K.top_energy(16), K.top_energy(16, "null_"), K.align("both"), K.align("both", prefix="null_"),
+    K.align("both", prefix="expected_"), K.near_zero_lift("raw", 0.1), K.near_zero_lift("top10", 0.1),
+    K.near_zero_lift("null_top10", 0.1), K.near_zero_lift("bf16", 0.1), K.near_zero_lift("null_bf16", 0.1),
+)
 
 
 def _device(device):
@@ -24,84 +32,82 @@ def _device(device):
     return device
 
 
-def _elementwise(w: torch.Tensor, d: torch.Tensor, null: torch.Tensor, rms: float) -> dict:
-    """Sparsity in the three precision modes and the near-zero lift of six change sets, counted over row blocks so
-    that no full-size intermediate is ever made. The change sets: ``|D| > 1e-5`` (raw), ``bf16(W + D) != bf16(W)``
-    (bf16), the largest 10% of ``|D|`` (top10: still informative when nearly every entry moved), and the same three
-    for the null."""
-    thresholds = M.abs_quantiles(w)
-    top10 = {"d": M.abs_quantiles(d, (0.9,))[0.9], "null": M.abs_quantiles(null, (0.9,))[0.9]}
-    counts = defaultdict(int)
-    for wc, dc, nc in zip(M.row_blocks(w), M.row_blocks(d), M.row_blocks(null)):
-        wc, dc, nc = wc.float(), dc.float(), nc.float()
-        a = dc.abs()
-        visible = M.bf16_visible(wc, dc).abs()
-        for tau in M.TAUS:
-            counts[f"unchanged_raw_{tau:g}"] += int((a <= tau).sum())
-            counts[f"unchanged_bf16_{tau:g}"] += int((visible <= tau).sum())
-        counts["unchanged_rel_1e-3"] += int((a <= 1e-3 * rms).sum())
-        counts["unchanged_half_step"] += int((a < 0.5 * M.bf16_step(wc)).sum())  # below half a bf16 step of W
-        small = {q: wc.abs() <= t for q, t in thresholds.items()}
-        changed = {"raw": a > CHANGED_TAU, "bf16": visible != 0, "top10": a > top10["d"],
-                   "null_raw": nc.abs() > CHANGED_TAU, "null_bf16": M.bf16_visible(wc, nc) != 0,
-                   "null_top10": nc.abs() > top10["null"]}
-        for label, c in changed.items():
-            counts[f"changed_{label}"] += int(c.sum())
-            for q, below in small.items():
-                counts[f"near_zero_{label}_q{q:g}"] += int((c & below).sum())
-    numel = w.numel()
-    out = {key: counts[key] / numel for key in counts if key.startswith("unchanged_")}
-    # the same-norm isotropic null: how much of it would count as unchanged, as stored and through bf16
-    out["null_unchanged_raw_1e-05"] = 1 - counts["changed_null_raw"] / numel
-    out["null_unchanged_bf16_0"] = 1 - counts["changed_null_bf16"] / numel
-    for label in ("raw", "bf16", "top10", "null_raw", "null_bf16", "null_top10"):
-        total = counts[f"changed_{label}"]
-        for q in thresholds:  # P(|W| <= Q_q | changed) / q; 1 = no bias
-            out[f"near_zero_lift_{label}_q{q:g}"] = (
-                counts[f"near_zero_{label}_q{q:g}"] / total / q if total else float("nan")
-            )
-    return out
+NEAR_ZERO_QUANTILES = (0.1, 0.25, 0.5)
+
+
+def _sparsity(w: torch.Tensor, d: torch.Tensor, null: torch.Tensor, rms: float) -> dict:
+    """Unchanged fractions in the three precision modes, for the delta and (at the paper's thresholds) its null."""
+    row = {}
+    raw = M.fraction_unchanged(d, (*M.TAUS, 1e-3 * rms))
+    for tau in M.TAUS:
+        row[K.unchanged("raw", tau)] = raw[tau]
+    row[K.UNCHANGED_REL] = raw[1e-3 * rms]
+    for tau, value in M.fraction_unchanged_bf16(w, d).items():
+        row[K.unchanged("bf16", tau)] = value
+    row[K.UNCHANGED_HALF_STEP] = M.fraction_below_half_bf16_step(w, d)
+    row[K.unchanged("raw", CHANGED_TAU, "null_")] = M.fraction_unchanged(null, (CHANGED_TAU,))[CHANGED_TAU]
+    row[K.unchanged("bf16", 0, "null_")] = M.fraction_unchanged_bf16(w, null, (0.0,))[0.0]
+    return row
+
+
+def _near_zero_lifts(w: torch.Tensor, d: torch.Tensor, null: torch.Tensor) -> dict:
+    """Near-zero lift of six change sets: ``|D| > 1e-5`` (raw), bf16-visible (bf16), the largest 10% of ``|D|``
+    (top10: still informative when nearly every entry moved), and the same three for the null."""
+    thresholds = M.abs_quantiles(w, NEAR_ZERO_QUANTILES)
+    row = {}
+    for prefix, delta in (("", d), ("null_", null)):
+        top10 = M.abs_quantiles(delta, (0.9,))[0.9]
+        for label, rule, threshold in (("raw", "raw", CHANGED_TAU), ("bf16", "bf16", 0.0), ("top10", "top", top10)):
+            lifts = M.near_zero_lift(w, delta, rule, threshold, NEAR_ZERO_QUANTILES, thresholds)
+            for q, lift in lifts.items():
+                row[K.near_zero_lift(prefix + label, q)] = lift
+    return row
+
+
+def _spectrum_and_alignment(row: dict, w: torch.Tensor, d: torch.Tensor, null: torch.Tensor, rank_fraction: float,
+                            device: str) -> None:
+    m, n = w.shape
+    r = M.subspace_size(rank_fraction, m, n)
+    sweep = {f: M.subspace_size(f, m, n) for f in M.ALIGN_FRACTIONS}
+    row[K.align_r()] = r
+    row.update({K.align_r(f): rf for f, rf in sweep.items()})
+    ranks = sorted({r, *sweep.values()})
+    u, v = M.top_singular_subspaces(w.to(device), max(ranks))
+    for prefix, delta in (("", d), ("null_", null)):
+        delta = delta.to(device)
+        s = M.singular_values(delta)
+        row[f"{prefix}rank"] = M.numerical_rank(s)
+        row[K.rank_ratio(prefix=prefix)] = row[f"{prefix}rank"] / min(m, n)
+        for tau in M.RANK_TAUS:
+            row[K.rank_ratio(tau, prefix)] = M.numerical_rank(s, tau) / min(m, n)
+        row[f"{prefix}stable_rank"] = M.stable_rank(s)
+        row[f"{prefix}effective_rank"] = M.effective_rank(s)
+        for k, share in M.top_k_energy(s).items():
+            row[K.top_energy(k, prefix)] = share
+        aligns = M.alignment_sweep(u, v, delta, ranks)
+        expected = ("expected_",) if not prefix else ()
+        for side in ("left", "right", "both"):
+            for who in (prefix, *expected):
+                key = side if who == prefix else f"expected_{side}"
+                row[K.align(side, prefix=who)] = aligns[r][key]
+                for fraction, rf in sweep.items():
+                    row[K.align(side, fraction, who)] = aligns[rf][key]
+        if not prefix:
+            row["spectrum"] = [float(x) for x in s[:64].cpu()]
+        del delta
 
 
 def analyze_matrix(name: str, w: torch.Tensor, d: torch.Tensor, rank_fraction: float = 0.05, seed: int = 0,
                    device: str = "cpu") -> dict:
-    """All per-matrix metrics of one delta as a flat, JSON-friendly dict."""
+    """All per-matrix metrics of one delta as a flat, JSON-friendly dict (keys: `sparse_opd.analysis.keys`)."""
     m, n = w.shape
     row = {"name": name, "module_type": module_type(name), "block": block_of(name), "layer": layer_index(name),
-           "rows": m, "cols": n, "numel": m * n,
-           "w_energy": M.energy(w), "d_energy": M.energy(d)}
-    row["rel_norm"] = (row["d_energy"] / row["w_energy"]) ** 0.5 if row["w_energy"] else float("nan")
+           "rows": m, "cols": n, "numel": m * n, "w_energy": M.energy(w), "d_energy": M.energy(d),
+           "rel_norm": M.relative_norm(w, d)}
     null = M.isotropic_like(d, torch.Generator().manual_seed(seed))  # same norm, same precision pipeline
-    row.update(_elementwise(w, d, null, rms=(row["w_energy"] / (m * n)) ** 0.5))
-
-    r = max(1, round(rank_fraction * min(m, n)))
-    row["align_r"] = r
-    sweep = {f: max(1, round(f * min(m, n))) for f in M.ALIGN_FRACTIONS}
-    ranks = sorted({r, *sweep.values()})
-    u, v = M.top_singular_subspaces(w.to(device), max(ranks))
-    for label in ("", "null_"):
-        delta = (null if label else d).to(device)
-        s = M.singular_values(delta)
-        row[f"{label}rank"] = M.numerical_rank(s)
-        row[f"{label}rank_ratio"] = row[f"{label}rank"] / min(m, n)
-        for tau in M.RANK_TAUS:
-            row[f"{label}rank_ratio_tau{tau:g}"] = M.numerical_rank(s, tau) / min(m, n)
-        row[f"{label}stable_rank"] = M.stable_rank(s)
-        row[f"{label}effective_rank"] = M.effective_rank(s)
-        for k, share in M.top_k_energy(s).items():
-            row[f"{label}top{k}_energy"] = share
-        aligns = M.alignment_sweep(u, v, delta, ranks)
-        for key in ("left", "right", "both"):
-            row[f"{label}align_{key}"] = aligns[r][key]
-            for fraction, rf in sweep.items():
-                row[f"{label}align_{key}_f{fraction:g}"] = aligns[rf][key]
-        if not label:
-            row["spectrum"] = [float(x) for x in s[:64].cpu()]
-            for key in ("left", "right", "both"):
-                row[f"expected_align_{key}"] = aligns[r][f"expected_{key}"]
-                for fraction, rf in sweep.items():
-                    row[f"expected_align_{key}_f{fraction:g}"] = aligns[rf][f"expected_{key}"]
-        del delta
+    row.update(_sparsity(w, d, null, rms=(row["w_energy"] / (m * n)) ** 0.5))
+    row.update(_near_zero_lifts(w, d, null))
+    _spectrum_and_alignment(row, w, d, null, rank_fraction, device)
     return row
 
 
@@ -132,40 +138,34 @@ class DeltaReport:
         numel = sum(r["numel"] for r in self.rows)
         weighted = lambda key: sum(r[key] * r["numel"] for r in self.rows) / numel  # noqa: E731
         med = lambda key: statistics.median(r[key] for r in self.rows)  # noqa: E731
-        out = {
+        return {
             "matrices": len(self.rows),
             "global_rel_norm": (sum(r["d_energy"] for r in self.rows) / sum(r["w_energy"] for r in self.rows)) ** 0.5,
-            "unchanged": {mode: {f"{tau:g}": weighted(f"unchanged_{mode}_{tau:g}") for tau in M.TAUS}
+            "unchanged": {mode: {f"{tau:g}": weighted(K.unchanged(mode, tau)) for tau in M.TAUS}
                           for mode in ("raw", "bf16")},
-            "unchanged_half_step": weighted("unchanged_half_step"),
-            "null_unchanged": {"raw_1e-05": weighted("null_unchanged_raw_1e-05"),
-                               "bf16_0": weighted("null_unchanged_bf16_0")},
-            "median": {k: med(k) for k in ("rank_ratio", "null_rank_ratio", "stable_rank", "null_stable_rank",
-                                            "effective_rank", "null_effective_rank", "top16_energy", "null_top16_energy",
-                                            "align_both", "null_align_both", "expected_align_both",
-                                            "near_zero_lift_raw_q0.1", "near_zero_lift_top10_q0.1",
-                                            "near_zero_lift_null_top10_q0.1", "near_zero_lift_bf16_q0.1",
-                                            "near_zero_lift_null_bf16_q0.1")},
-            "top_energy_by_k": {str(k): {"delta": med(f"top{k}_energy"), "null": med(f"null_top{k}_energy")}
+            "unchanged_half_step": weighted(K.UNCHANGED_HALF_STEP),
+            "null_unchanged": {"raw_1e-05": weighted(K.unchanged("raw", CHANGED_TAU, "null_")),
+                               "bf16_0": weighted(K.unchanged("bf16", 0, "null_"))},
+            "median": {k: med(k) for k in MEDIANS},
+            "top_energy_by_k": {str(k): {"delta": med(K.top_energy(k)), "null": med(K.top_energy(k, "null_"))}
                                 for k in M.TOP_KS},
-            "rank_ratio_by_tau": {f"{tau:g}": {"delta": med(f"rank_ratio_tau{tau:g}"),
-                                               "null": med(f"null_rank_ratio_tau{tau:g}")} for tau in M.RANK_TAUS},
+            "rank_ratio_by_tau": {f"{tau:g}": {"delta": med(K.rank_ratio(tau)), "null": med(K.rank_ratio(tau, "null_"))}
+                                  for tau in M.RANK_TAUS},
             "alignment_by_fraction": {
-                f"{f:g}": {f"{who}{key}": med(f"{prefix}align_{key}_f{f:g}")
-                           for who, prefix in (("", ""), ("null_", "null_"), ("expected_", "expected_"))
-                           for key in ("left", "right", "both")}
+                f"{f:g}": {f"{who}{side}": med(K.align(side, f, who))
+                           for who in ("", "null_", "expected_") for side in ("left", "right", "both")}
                 for f in M.ALIGN_FRACTIONS},
             "by_block": self._group("block"),
             "by_type": self._group("module_type"),
             "by_layer": self._group("layer"),
         }
-        return out
 
     def summary(self) -> str:
         a = self.aggregates
         if not a:
             return "no matrix analyzed"
         ffn = a["by_block"].get("ffn", {}).get("energy_share", 0.0)
+        med = a["median"]
         return "\n".join([
             f"relative update norm {a['global_rel_norm']:.3e} over {a['matrices']} matrices",
             f"entries with |delta| <= 1e-5: {a['unchanged']['raw']['1e-05']:.1%} raw "
@@ -173,12 +173,12 @@ class DeltaReport:
             f"(null {a['null_unchanged']['bf16_0']:.1%})",
             f"FFN share of update energy: {ffn:.1%} (FFN share of entries "
             f"{a['by_block'].get('ffn', {}).get('entry_share', 0.0):.1%})",
-            f"median rank ratio {a['median']['rank_ratio']:.2f} (null {a['median']['null_rank_ratio']:.2f}); "
-            f"median top-16 energy {a['median']['top16_energy']:.1%} (null {a['median']['null_top16_energy']:.1%})",
-            f"near-zero lift (bottom 10% of |W|): {a['median']['near_zero_lift_raw_q0.1']:.2f} raw, "
-            f"{a['median']['near_zero_lift_top10_q0.1']:.2f} for the largest 10% of updates, "
-            f"{a['median']['near_zero_lift_bf16_q0.1']:.2f} bf16-visible (null through bf16 "
-            f"{a['median']['near_zero_lift_null_bf16_q0.1']:.2f})",
+            f"median rank ratio {med[K.rank_ratio()]:.2f} (null {med[K.rank_ratio(prefix='null_')]:.2f}); "
+            f"median top-16 energy {med[K.top_energy(16)]:.1%} (null {med[K.top_energy(16, 'null_')]:.1%})",
+            f"near-zero lift (bottom 10% of |W|): {med[K.near_zero_lift('raw', 0.1)]:.2f} raw, "
+            f"{med[K.near_zero_lift('top10', 0.1)]:.2f} for the largest 10% of updates, "
+            f"{med[K.near_zero_lift('bf16', 0.1)]:.2f} bf16-visible (null through bf16 "
+            f"{med[K.near_zero_lift('null_bf16', 0.1)]:.2f})",
         ])
 
     # output ---------------------------------------------------------------------------------------------------------
@@ -194,6 +194,25 @@ class DeltaReport:
         from .markdown import report_markdown
 
         return report_markdown(self)
+
+    def save(self, out_dir: str, plots: bool = True) -> list[str]:
+        """Write ``report.json``, ``report.md`` and (``plots=True``) the PNG plots to ``out_dir``; returns the paths."""
+        import os
+
+        os.makedirs(out_dir, exist_ok=True)
+        paths = [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")]
+        self.to_json(paths[0])
+        with open(paths[1], "w") as f:
+            f.write(self.to_markdown())
+        if plots and self.rows:
+            from .plots import write_plots
+
+            paths += write_plots(self.to_dict(), out_dir)
+        return paths
+
+
+def _count_nonfinite(x: torch.Tensor) -> int:
+    return sum(int((~torch.isfinite(block)).sum()) for block in M.row_blocks(x))
 
 
 def analyze_delta(base, tuned, *, rank_fraction: float = 0.05, seed: int = 0, device: str = "auto",
@@ -213,9 +232,18 @@ def analyze_delta(base, tuned, *, rank_fraction: float = 0.05, seed: int = 0, de
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, total=len(source), desc="analyze", unit="matrix")
+    nonfinite = []
     for name, w, d in iterator:
-        report.rows.append(analyze_matrix(name.removesuffix(".weight"), w, d, rank_fraction, seed, device))
+        bad = _count_nonfinite(w) + _count_nonfinite(d)
+        if bad:  # a diverged run: list it rather than stop the whole analysis in an SVD
+            nonfinite.append((name, f"{bad} non-finite (NaN or inf) entries in the base or the delta"))
+        else:
+            report.rows.append(analyze_matrix(name.removesuffix(".weight"), w, d, rank_fraction, seed, device))
         del w, d
         release_freed_memory()
-    report.skipped = list(source.skipped)
+    report.skipped = list(source.skipped) + nonfinite
+    if not report.rows:
+        reasons = "; ".join(f"{n}: {r}" for n, r in report.skipped[:3]) or "no 2-D floating-point tensor in common"
+        raise ValueError(f"no weight matrix of {report.source['tuned']} could be compared with {report.source['base']} "
+                         f"({reasons})")
     return report

@@ -19,11 +19,17 @@ def checkpoint_files(source: str | os.PathLike) -> list[str]:
     if os.path.isfile(source):
         return [source]
     if not os.path.isdir(source):
-        if not _HUB_ID.match(source):
+        if not _HUB_ID.match(source) or source.startswith((".", "~")) or source.count("/") > 1:
             raise FileNotFoundError(f"checkpoint {source} does not exist (neither a local path nor a Hub model id)")
         from huggingface_hub import snapshot_download
 
-        source = snapshot_download(source, allow_patterns=["*.safetensors", "*.json"])
+        try:
+            source = snapshot_download(source, allow_patterns=["*.safetensors", "*.json"])
+        except Exception as err:  # offline, unknown repo, gated: one clear line instead of the Hub's traceback
+            raise FileNotFoundError(
+                f"checkpoint {source} is not a local path, and as a Hub model id it could not be fetched "
+                f"({type(err).__name__}: {' '.join(str(err).split())[:160]})"
+            ) from None
     index = os.path.join(source, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -42,8 +48,16 @@ class CheckpointReader:
     def __init__(self, source: str | os.PathLike):
         self.source = str(source)
         self._location: dict[str, str] = {}
-        for path in checkpoint_files(source):
-            with safe_open(path, framework="pt") as f:
+        files = checkpoint_files(source)
+        self.folder = os.path.dirname(files[0])  # local folder (a Hub id resolves to its cached snapshot)
+        for path in files:
+            try:
+                handle = safe_open(path, framework="pt")
+            except Exception as err:  # safetensors' own error types for truncated or foreign files
+                raise ValueError(f"{path} is not a readable safetensors checkpoint: {err}") from None
+            with handle as f:
+                if (f.metadata() or {}).get("format", "").startswith("sparse_opd.mask"):
+                    raise ValueError(f"{path} is a sparse_opd mask file, not a model checkpoint")
                 for name in f.keys():
                     self._location[name] = path
 

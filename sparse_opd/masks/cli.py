@@ -1,13 +1,29 @@
-"""`sparse-opd mask diff|prior|stats|overlap|combine`."""
+"""`sparse-opd mask diff | prior | stats | combine` (and the deprecated `mask overlap`)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+import warnings
+
+
+def write_json(data, path: str) -> None:
+    """Write ``data`` as JSON to ``path`` (``-``: standard output)."""
+    text = json.dumps(data, indent=1)
+    if path == "-":
+        print(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")
 
 
 def _diff(args):
     from .sparse_mask import SparseMask
 
+    if args.report:
+        warnings.warn("`mask diff --report PATH` is now `--json PATH`", FutureWarning, stacklevel=1)
+        args.json = args.json or args.report
     mask, report = SparseMask.from_diff(
         args.base, args.tuned, threshold=args.threshold, mode=args.mode, precision=args.precision,
         target_modules=args.target_modules, return_report=True, progress=True,
@@ -15,21 +31,23 @@ def _diff(args):
     mask.save(args.out)
     print(f"{mask} -> {args.out}")
     print(f"kept {report.total_fraction:.4%} of the compared entries; {len(report.empty)} module(s) unchanged")
-    if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report.to_dict(), f, indent=1)
+    if args.json:
+        write_json(report.to_dict(), args.json)
 
 
 def _prior(args):
     from transformers import AutoModelForCausalLM
 
+    from ..embedded import resolve_model_path
     from .priors import near_zero_mask, random_mask
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype="auto")
     if args.kind == "near_zero":
-        mask = near_zero_mask(model, density=args.density, block_weights=args.block_weights)
+        mask = near_zero_mask(model, density=args.density, block_weights=args.block_weights,
+                              target_modules=args.target_modules)
     else:
-        mask = random_mask(model, density=args.density, block_weights=args.block_weights, seed=args.seed)
+        mask = random_mask(model, density=args.density, block_weights=args.block_weights,
+                           target_modules=args.target_modules, seed=args.seed)
     mask.save(args.out)
     print(f"{mask} -> {args.out}")
 
@@ -38,25 +56,16 @@ def _stats(args):
     from .sparse_mask import SparseMask
 
     mask = SparseMask.load(args.mask)
+    groups = mask.density_by(args.by)
+    if args.json:
+        write_json({"modules": len(mask), "coordinates": mask.count(), "density": mask.density(), args.by: groups},
+                   args.json)
+        if args.json == "-":
+            return
     print(mask)
     print(f"| {args.by} | coordinates | entries | density | share |\n|---|---:|---:|---:|---:|")
-    for group, row in mask.density_by(args.by).items():
+    for group, row in groups.items():
         print(f"| {group} | {row['count']:,} | {row['numel']:,} | {row['density']:.4%} | {row['share']:.2%} |")
-
-
-def _overlap(args):
-    from .sparse_mask import SparseMask
-
-    result = SparseMask.load(args.a).overlap(SparseMask.load(args.b))
-    total = result["total"].to_dict()
-    if args.json:
-        print(json.dumps({"total": total, "modules": {k: v.to_dict() for k, v in result["modules"].items()}}, indent=1))
-        return
-    print("| statistic | observed | random expectation | lift |\n|---|---:|---:|---:|")
-    for key in ("jaccard", "coverage_a", "coverage_b"):
-        print(f"| {key} | {total[key]:.4f} | {total['expected_' + key]:.4f} | {total[key + '_lift']:.2f}x |")
-    print(f"| overlap coefficient | {total['overlap_coefficient']:.4f} | | |")
-    print(f"| intersection | {total['intersection']:,} | {total['expected_intersection']:,.0f} | |")
 
 
 def _combine(args):
@@ -68,44 +77,70 @@ def _combine(args):
     print(f"{mask} -> {args.out}")
 
 
-def register(subparsers) -> None:
-    mask = subparsers.add_parser("mask", help="build, inspect and compare masks")
-    sub = mask.add_subparsers(dest="mask_command", required=True)
+def _overlap_deprecated(args):
+    print("`sparse-opd mask overlap A B` is now `sparse-opd overlap A B`", file=sys.stderr)
+    from ..analysis.cli import overlap_command
 
-    p = sub.add_parser("diff", help="coordinates changed between two checkpoints (streamed)")
+    args.base, args.threshold, args.precision, args.null = None, 1e-5, "raw", True
+    args.paths = [args.a, args.b]
+    return overlap_command(args)
+
+
+def register(subparsers) -> None:
+    from ..cli import HelpFormatter, add_parser, fraction, non_negative
+
+    mask = add_parser(subparsers, "mask", "Build, inspect and combine masks (which coordinates a sparse delta trains).",
+                      "Subcommands: diff (from two checkpoints), prior (near-zero or random), stats, combine.")
+    sub = mask.add_subparsers(dest="mask_command", required=True, metavar="mask_command")
+
+    p = add_parser(sub, "diff", "The coordinates that changed between two checkpoints (e.g. a full OPD run).",
+                   """Streams the checkpoints tensor by tensor. Compares every linear layer but the output head unless
+--target-modules says otherwise.""")
     p.add_argument("base", help="base checkpoint: safetensors file, directory (sharded or not) or Hub id")
     p.add_argument("tuned", help="tuned checkpoint, same forms")
     p.add_argument("--out", required=True, help="mask file to write (.safetensors)")
-    p.add_argument("--threshold", type=float, default=1e-5)
-    p.add_argument("--mode", choices=("abs", "rel", "changed"), default="abs")
-    p.add_argument("--precision", choices=("raw", "bf16"), default="raw")
-    p.add_argument("--target-modules", nargs="+", default=None)
-    p.add_argument("--report", help="also write the per-module kept fractions as JSON here")
+    p.add_argument("--threshold", type=non_negative, default=1e-5,
+                   help="an entry changed if |tuned - base| > threshold ('abs'), > threshold * rms(base) ('rel')")
+    p.add_argument("--mode", choices=("abs", "rel", "changed"), default="abs",
+                   help="'abs', 'rel' (relative to the weight's rms) or 'changed' (any change at all)")
+    p.add_argument("--precision", choices=("raw", "bf16"), default="raw",
+                   help="compare as stored ('raw') or both rounded to bf16 ('bf16': what a bf16 checkpoint shows)")
+    p.add_argument("--target-modules", nargs="+", default=None,
+                   help="module names or suffixes to compare (PEFT's matching); default: every linear layer but "
+                        "the head")
+    p.add_argument("--json", metavar="PATH", nargs="?", const="-", help="also write the kept fraction per module as JSON ('-': stdout)")
+    p.add_argument("--report", help=argparse.SUPPRESS)  # deprecated spelling of --json
     p.set_defaults(func=_diff)
 
-    p = sub.add_parser("prior", help="near-zero (smallest |W|) or random mask under a budget")
-    p.add_argument("model", help="model directory or Hub id")
-    p.add_argument("--kind", choices=("near_zero", "random"), default="near_zero")
-    p.add_argument("--density", type=float, required=True)
-    p.add_argument("--block-weights", default="ffn", help="'ffn' (FFN-heavy), 'uniform'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p = add_parser(sub, "prior", "A mask that needs no training run: near-zero (smallest |W|) or random coordinates.",
+                   "The budget is split across modules FFN-heavy by default (--block-weights).")
+    p.add_argument("model", help="model directory, Hub id, or 'embedded' (the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--kind", choices=("near_zero", "random"), default="near_zero", help="which prior")
+    p.add_argument("--density", type=fraction, required=True, help="fraction of the targeted entries to keep")
+    p.add_argument("--block-weights", default="ffn", choices=("ffn", "uniform"),
+                   help="how the budget splits between blocks: 'ffn' (FFN-heavy) or 'uniform'")
+    p.add_argument("--target-modules", nargs="+", default=None,
+                   help="module names or suffixes (PEFT's matching); default: every linear layer but the head")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prior")
+    p.add_argument("--out", required=True, help="mask file to write (.safetensors)")
     p.set_defaults(func=_prior)
 
-    p = sub.add_parser("stats", help="density by module, type, block or layer")
-    p.add_argument("mask")
-    p.add_argument("--by", choices=("module", "type", "block", "layer"), default="block")
+    p = add_parser(sub, "stats", "Density of a mask by module, module type, block or layer.")
+    p.add_argument("mask", help="mask file (.safetensors written by SparseMask.save or `sparse-opd mask ...`)")
+    p.add_argument("--by", choices=("module", "type", "block", "layer"), default="block", help="grouping")
+    p.add_argument("--json", metavar="PATH", nargs="?", const="-", help="also write the table as JSON ('-': stdout instead of the table)")
     p.set_defaults(func=_stats)
 
-    p = sub.add_parser("overlap", help="Jaccard, coverages and overlap coefficient against random expectations")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_overlap)
-
-    p = sub.add_parser("combine", help="union or intersection of two masks")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--op", choices=("union", "intersection"), default="union")
-    p.add_argument("--out", required=True)
+    p = add_parser(sub, "combine", "The union or intersection of two masks of the same model.")
+    p.add_argument("a", help="first mask file")
+    p.add_argument("b", help="second mask file")
+    p.add_argument("--op", choices=("union", "intersection"), default="union", help="set operation")
+    p.add_argument("--out", required=True, help="mask file to write")
     p.set_defaults(func=_combine)
+
+    p = sub.add_parser("overlap", formatter_class=HelpFormatter,
+                       description="Deprecated: use `sparse-opd overlap A B`.")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", metavar="PATH", nargs="?", const="-")
+    p.set_defaults(func=_overlap_deprecated)

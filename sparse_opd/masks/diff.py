@@ -17,10 +17,10 @@ import torch
 from ..memory import release_freed_memory
 from .checkpoints import CheckpointReader
 from .sparse_mask import SparseMask, normalize_module_name
+from .targets import checkpoint_targets
 
 MODES = ("abs", "rel", "changed")
 PRECISIONS = ("raw", "bf16")
-_SKIPPED_NAMES = ("embed", "wte", "wpe", "lm_head", "embed_out", "norm")
 
 
 @dataclass
@@ -63,13 +63,23 @@ def changed_coordinates(base: torch.Tensor, tuned: torch.Tensor, threshold: floa
     return torch.nonzero(changed.reshape(-1)).reshape(-1)
 
 
-def _selected(name: str, shape, target_modules) -> bool:
-    if len(shape) != 2 or not name.endswith(".weight"):
-        return False
-    module = normalize_module_name(name)
-    if target_modules is not None:
-        return module in target_modules or module.split(".")[-1] in target_modules
-    return not any(part in module.split(".")[-1] or part in module.split(".")[0] for part in _SKIPPED_NAMES)
+def _compared_names(base_ckpt: CheckpointReader, tuned_ckpt: CheckpointReader, target_modules) -> list[str]:
+    """The base checkpoint's tensors the rule of `sparse_opd.masks.targets` selects, all present in the tuned one."""
+    names = checkpoint_targets({n: base_ckpt.shape(n) for n in base_ckpt.names()}, base_ckpt.folder, target_modules)
+    missing = [n for n in names if n not in tuned_ckpt]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} weight(s) of the base checkpoint are missing from the tuned one, e.g. {missing[:3]}: "
+            "compare two checkpoints of the same architecture"
+        )
+    if not names:
+        raise ValueError(f"no 2-D weight of {base_ckpt.source} matches target_modules={target_modules}")
+    if target_modules is not None and not isinstance(target_modules, str):
+        found = {normalize_module_name(n) for n in names}
+        absent = [t for t in target_modules if t not in found and not any(f.split(".")[-1] == t for f in found)]
+        if absent:
+            raise ValueError(f"target_modules {absent} name no 2-D weight of the checkpoint {base_ckpt.source}")
+    return names
 
 
 def mask_from_diff(
@@ -90,20 +100,7 @@ def mask_from_diff(
     if not (threshold >= 0 and math.isfinite(threshold)):
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
     base_ckpt, tuned_ckpt = CheckpointReader(base), CheckpointReader(tuned)
-    names = [n for n in base_ckpt.names() if _selected(n, base_ckpt.shape(n), target_modules)]
-    missing = [n for n in names if n not in tuned_ckpt]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} weight(s) of the base checkpoint are missing from the tuned one, e.g. {missing[:3]}: "
-            "compare two checkpoints of the same architecture"
-        )
-    if not names:
-        raise ValueError(f"no 2-D weight of {base} matches target_modules={target_modules}")
-    if target_modules is not None:
-        found = {normalize_module_name(n) for n in names}
-        absent = [t for t in target_modules if t not in found and not any(f.split(".")[-1] == t for f in found)]
-        if absent:
-            raise ValueError(f"target_modules {absent} name no 2-D weight of the checkpoint {base}")
+    names = _compared_names(base_ckpt, tuned_ckpt, target_modules)
     report, indices, shapes = DiffReport(), {}, {}
     iterator = names
     if progress:
@@ -116,6 +113,11 @@ def mask_from_diff(
             raise ValueError(f"{name}: shape {tuple(b.shape)} in the base but {tuple(t.shape)} in the tuned checkpoint")
         if not (b.is_floating_point() and t.is_floating_point()):
             raise ValueError(f"{name}: not a floating-point weight ({b.dtype}, {t.dtype})")
+        bad = int((~torch.isfinite(t)).sum()) + int((~torch.isfinite(b)).sum())
+        if bad:
+            raise ValueError(
+                f"{name}: {bad} non-finite (NaN or inf) entries; a diverged checkpoint has no meaningful diff mask"
+            )
         idx = changed_coordinates(b, t, threshold, mode, precision)
         module = normalize_module_name(name)
         report.kept[module], report.numel[module] = int(idx.numel()), b.numel()

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from ..distributed import gathered
 from .budget import allocate_budget
 from .sparse_mask import SparseMask
-
-
-def _target_weights(model: nn.Module, target_modules) -> dict[str, torch.Tensor]:
-    from transformers.pytorch_utils import Conv1D
-
-    weights = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and (
-            target_modules is None or name in target_modules or name.split(".")[-1] in target_modules
-        ):
-            if target_modules is None and name.split(".")[-1] in ("lm_head", "embed_out", "score"):
-                continue
-            weights[name] = module.weight
-    if not weights:
-        raise ValueError(f"no nn.Linear / Conv1D module matches target_modules={target_modules}")
-    return weights
+from .targets import linear_modules, stored_shape, stored_weight
 
 
 def prior_indices(how: str, counts: Mapping[str, int], numels: Mapping[str, int],
@@ -39,17 +26,25 @@ def prior_indices(how: str, counts: Mapping[str, int], numels: Mapping[str, int]
     for name, count in counts.items():
         if how == "random":
             indices[name] = torch.randperm(numels[name], generator=gen)[:count]
-        else:
-            magnitude = weights[name].detach().float().abs().reshape(-1)
+            continue
+        weight = weights[name]
+        if not weight.is_floating_point() or weight.element_size() == 1:
+            raise ValueError(
+                f"{name}: the near-zero prior needs plain weights but the layer is quantized; build the mask on the "
+                "unquantized model (sparse_opd.masks.near_zero_mask) and pass it as mask=..."
+            )
+        with gathered([weight]) as (full,):  # ZeRO-3 / FSDP2: every rank reads the whole weight
+            magnitude = full.detach().float().abs().reshape(-1)
             indices[name] = torch.topk(magnitude, count, largest=False, sorted=False).indices.cpu()
     return indices
 
 
 def _prior_mask(how, model, density, total, block_weights, target_modules, seed=0) -> SparseMask:
-    weights = _target_weights(model, target_modules)
-    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    modules = linear_modules(model, target_modules)
+    shapes = {name: stored_shape(module) for name, module in modules.items()}
     counts = allocate_budget(shapes, density, total, block_weights)
-    numels = {n: w.numel() for n, w in weights.items()}
+    numels = {name: math.prod(shape) for name, shape in shapes.items()}
+    weights = {name: stored_weight(module) for name, module in modules.items()}
     return SparseMask(prior_indices(how, counts, numels, weights, seed), shapes)
 
 

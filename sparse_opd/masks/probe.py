@@ -20,27 +20,13 @@ from transformers import TrainerCallback
 
 from .budget import allocate_budget
 from .sparse_mask import SparseMask
+from .targets import linear_modules, stored_weight
 
 STATISTICS = ("update", "grad", "adam")
-_HEADS = ("lm_head", "embed_out", "score", "classifier")
 
 
 def _linear_weights(model: nn.Module, target_modules) -> dict[str, nn.Parameter]:
-    from transformers.pytorch_utils import Conv1D
-
-    out = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)):
-            continue
-        leaf = name.split(".")[-1]
-        if target_modules is None and leaf in _HEADS:
-            continue
-        if target_modules is not None and name not in target_modules and leaf not in target_modules:
-            continue
-        out[name] = module.weight
-    if not out:
-        raise ValueError(f"no nn.Linear / Conv1D weight matches target_modules={target_modules}")
-    return out
+    return {name: stored_weight(module) for name, module in linear_modules(model, target_modules).items()}
 
 
 class ProbeCallback(TrainerCallback):

@@ -91,14 +91,15 @@ class SparseMask:
 
     @classmethod
     def from_peft_model(cls, model, adapter_name: str = "default") -> SparseMask:
-        """The coordinates of a sparse-delta adapter in a (Peft)model."""
-        from ..tuner import SparseDeltaLayer
+        """Deprecated: use ``sparse_opd.adapter_mask(model, adapter_name)``, which lives beside the tuner."""
+        import warnings
 
+        warnings.warn("SparseMask.from_peft_model is deprecated; use `from sparse_opd import adapter_mask`",
+                      FutureWarning, stacklevel=2)
         indices, shapes = {}, {}
-        for name, module in model.named_modules():
-            if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_delta_indices:
-                indices[name] = module.sparse_delta_indices[adapter_name].cpu()
-                shapes[name] = module.weight_shape
+        for name, module in model.named_modules():  # read by attribute: masks do not depend on the tuner
+            if adapter_name in getattr(module, "sparse_delta_indices", {}):
+                indices[name], shapes[name] = module.sparse_delta_indices[adapter_name].cpu(), module.weight_shape
         if not indices:
             raise ValueError(f"the model has no sparse-delta adapter named {adapter_name!r}")
         return cls(indices, shapes)

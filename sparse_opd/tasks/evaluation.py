@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..tuner import merged_sparse_delta  # a sparse delta generates fastest merged (exactly undone)
+
 METRIC_DIR = Path(__file__).parent / "metrics" / "math_accuracy"
 
 
@@ -80,8 +82,6 @@ def generate_completions(
     was_training = model.training
     model.eval()
     outputs: list[str | None] = [None] * len(prompts)
-    from ..trainer.generation import merged_sparse_delta  # a sparse delta generates fastest merged (exactly undone)
-
     with contextlib.ExitStack() as stack:
         stack.enter_context(merged_sparse_delta(model))
         stack.callback(model.train, was_training)

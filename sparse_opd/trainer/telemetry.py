@@ -11,18 +11,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..masks import block_of
-from ..tuner import SparseDeltaLayer
-
-
-def sparse_delta_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, SparseDeltaLayer]:
-    """Module name -> sparse-delta layer holding `adapter_name` (any adapter when `None`)."""
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, SparseDeltaLayer) and (
-            adapter_name is None or adapter_name in module.sparse_delta_values
-        ):
-            layers[name] = module
-    return layers
+from ..tuner import SparseDeltaLayer, sparse_delta_layers
 
 
 def _base_entries(module: SparseDeltaLayer, indices: torch.Tensor) -> torch.Tensor | None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+
+from torch import nn
+
 from .layer import SparseDeltaModule
 
 
-def bnb_layer_types() -> tuple[type, ...]:
-    try:
-        import bitsandbytes as bnb
-    except Exception:  # bitsandbytes missing or unusable on this platform
-        return ()
-    return (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+def is_bnb_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 8-bit or 4-bit linear layer.
+
+    Never imports bitsandbytes: a model cannot hold its layers unless something imported it already.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
 
 
 class QuantizedLinear(SparseDeltaModule):

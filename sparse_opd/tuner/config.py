@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Optional, Union
+import warnings
+from dataclasses import InitVar, dataclass, field, fields
+from typing import Literal, Optional, Union
 
+import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..masks.sparse_mask import SparseMask
+from ..masks.budget import resolve_block_weights
+from ..masks.sparse_mask import SparseMask, normalize_module_name
 
-VALUE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# the dtypes a sparse delta's values may have, by the names used in configs
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+MASK_INITS = ("near_zero", "random")
+_DEPRECATED_MASK_INITS = {"magnitude": "near_zero"}
 
 
 @dataclass
 class SparseDeltaConfig(PeftConfig):
     """Configuration of a [`SparseDeltaModel`]: a trainable sparse delta on fixed coordinates of frozen weights.
+
+    With no argument, `SparseDeltaConfig()` trains 1% of the entries of every linear layer but the output head, chosen
+    by the near-zero prior (the smallest |W|, FFN-weighted), like `LoraConfig()` gives a usable default.
 
     Parameters that choose the coordinates:
         mask (`SparseMask`, `dict` or `str`, *optional*):
@@ -25,20 +35,24 @@ class SparseDeltaConfig(PeftConfig):
             dict of module name -> boolean tensor of the weight's shape or 1-D flat indices into the weight as stored.
             Not written to `adapter_config.json`: the coordinates are saved with the adapter weights.
         target_modules (`list[str]` or `str`, *optional*):
-            Defaults to the mask's modules, or to all linear layers but the output head when `mask_init` is used.
-        mask_init (`"magnitude"` or `"random"`, *optional*):
-            Build the mask at injection time, for users without one: the smallest-|W| coordinates (OPD's updates
-            favour near-zero source weights) or random ones, `density` of each targeted weight, split by
-            `block_weights`.
-        density (`float`, *optional*): fraction of the targeted entries to train with `mask_init`.
-        block_weights (`str` or `dict`): relative density per block, `"ffn"` (FFN-heavy), `"uniform"` or a dict.
-        mask_seed (`int`): seed of `mask_init="random"`.
+            Defaults to the mask's modules, or, without a mask, to every linear layer but the output head. Matched
+            like PEFT's other methods (a string is a regex, a list matches names or their suffixes).
+        exclude_modules (`list[str]` or `str`, *optional*): modules to leave out.
+        mask_init (`"near_zero"` or `"random"`, *optional*):
+            Without a mask, draw one when the adapter is injected: the smallest-|W| coordinates (`"near_zero"`, the
+            default: OPD's updates favour near-zero source weights) or random ones, `mask_density` of the targeted
+            entries split by `mask_block_weights`. `"magnitude"` is the deprecated name of `"near_zero"`.
+        mask_density (`float`, defaults to `0.01`): fraction of the targeted entries to train with `mask_init`.
+        mask_block_weights (`str` or `dict`, defaults to `"ffn"`): relative density per block: `"ffn"` (FFN-heavy),
+            `"uniform"`, or a dict / JSON object such as `{"ffn": 2.0, "attention": 1.0}`.
+        mask_seed (`int`, defaults to `0`): seed of `mask_init="random"`.
 
     Parameters that control training:
         init_weights (`bool`): `True` starts at a zero delta (the identity); `False` starts at small random values
             (for tests).
-        value_dtype (`str`): dtype of the trainable values, `"float32"` by default on any base dtype: a bf16 weight
-            cannot hold updates below half its rounding step.
+        value_dtype (`str`, defaults to `"auto"`): dtype of the trainable values. `"auto"` is float32 on any base
+            (a bf16 weight cannot hold updates below half its rounding step), or the base weights' dtype when PEFT is
+            asked not to upcast adapters (`get_peft_model(..., autocast_adapter_dtype=False)`).
         value_grad (`"auto"`, `"dense"` or `"sampled"`): how value gradients are computed. `"dense"` forms the
             weight gradient in row blocks of at most `grad_block_elements` entries and gathers it at the indices;
             `"sampled"` computes only the k needed dot products; `"auto"` picks `"sampled"` below
@@ -54,30 +68,39 @@ class SparseDeltaConfig(PeftConfig):
     `base_model_fingerprint`.
     """
 
-    mask: Optional[Any] = field(
+    mask: Optional[str] = field(
         default=None,
-        metadata={"help": "SparseMask, path to a mask file, or dict of module name -> bool tensor / flat indices."},
+        metadata={"help": "Mask file written by SparseMask.save (in Python also a SparseMask or a dict of module name "
+                          "-> bool tensor / flat indices)."},
     )
     target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Modules to adapt; defaults to the mask's modules (or all linear layers)."}
+        default=None,
+        metadata={"help": "Modules to adapt: the mask's modules by default, else every linear layer but the head."},
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Modules to leave out of `target_modules`."}
+        default=None, metadata={"help": "Modules to leave out of target_modules."}
     )
-    mask_init: Optional[Literal["magnitude", "random"]] = field(
-        default=None, metadata={"help": "Build a mask without one: 'magnitude' (smallest |W|) or 'random'."}
+    mask_init: Optional[Literal["near_zero", "random"]] = field(
+        default=None,
+        metadata={"help": "Without a mask: draw one, 'near_zero' (smallest |W|, the default) or 'random'."},
     )
-    density: Optional[float] = field(
-        default=None, metadata={"help": "Fraction of targeted weight entries trained with mask_init."}
+    mask_density: float = field(
+        default=0.01, metadata={"help": "Fraction of the targeted weight entries trained with mask_init."}
     )
-    block_weights: Union[str, dict] = field(
-        default="ffn", metadata={"help": "Relative density per block with mask_init: 'ffn', 'uniform' or a dict."}
+    mask_block_weights: str = field(
+        default="ffn",
+        metadata={"help": "Relative density per block with mask_init: 'ffn' (FFN-heavy), 'uniform' or a JSON object "
+                          "like '{\"ffn\": 2.0}'."},
     )
     mask_seed: int = field(default=0, metadata={"help": "Seed of mask_init='random'."})
     init_weights: bool = field(
         default=True, metadata={"help": "True: start at a zero delta. False: small random values (tests)."}
     )
-    value_dtype: str = field(default="float32", metadata={"help": "dtype of the trainable values."})
+    value_dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = field(
+        default="auto",
+        metadata={"help": "dtype of the trainable values; 'auto': float32, or the base dtype with "
+                          "autocast_adapter_dtype=False."},
+    )
     value_grad: Literal["auto", "dense", "sampled"] = field(
         default="auto", metadata={"help": "Value-gradient method: 'auto', 'dense' (blockwise) or 'sampled'."}
     )
@@ -90,7 +113,9 @@ class SparseDeltaConfig(PeftConfig):
     compose: Literal["auto", "always", "never"] = field(
         default="auto", metadata={"help": "Compose W + delta transiently for fp32 plain layers ('auto')."}
     )
-    save_dtype: Optional[str] = field(default=None, metadata={"help": "dtype of saved values (default value_dtype)."})
+    save_dtype: Optional[Literal["float32", "bfloat16", "float16", "float64"]] = field(
+        default=None, metadata={"help": "dtype of saved values (default: the values' own)."}
+    )
     index_encoding: Literal["auto", "gaps", "bitmap", "int32"] = field(
         default="auto", metadata={"help": "Index encoding in the adapter file; 'auto' picks the smallest per module."}
     )
@@ -106,13 +131,57 @@ class SparseDeltaConfig(PeftConfig):
     module_shapes: Optional[dict[str, list[int]]] = field(
         default=None, metadata={"help": "Filled by the tuner: shape of each adapted weight as stored."}
     )
-    base_model_fingerprint: Optional[dict[str, str]] = field(
+    base_model_fingerprint: Optional[dict[str, Optional[str]]] = field(
         default=None, metadata={"help": "Filled by the tuner: digest of the base weights the adapter was made for."}
     )
+    # deprecated spellings, accepted with a warning (not stored)
+    density: InitVar[Optional[float]] = None
+    block_weights: InitVar[Optional[Union[str, dict]]] = None
 
-    def __post_init__(self):
+    def __post_init__(self, density=None, block_weights=None):
         super().__post_init__()
         self.peft_type = PeftType.SPARSE_DELTA
+        loading = bool(self.module_counts)  # a saved adapter: its coordinates come from the adapter file
+        self._take_deprecated(density, block_weights, loading)
+        self._check_mask()
+        if self.mask is None and not loading and self.mask_init is None:
+            self.mask_init = "near_zero"  # the default: FFN-weighted near-zero prior
+        if self.mask_init is not None:
+            if self.mask_init not in MASK_INITS:
+                raise ValueError(f"mask_init must be one of {MASK_INITS}, got {self.mask_init!r}")
+            if not (isinstance(self.mask_density, (int, float)) and 0 < self.mask_density <= 1):
+                raise ValueError(f"mask_density must be in (0, 1], got {self.mask_density!r}")
+        if isinstance(self.mask_block_weights, str) and self.mask_block_weights.lstrip().startswith("{"):
+            try:
+                self.mask_block_weights = json.loads(self.mask_block_weights)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"mask_block_weights is not valid JSON: {err}") from None
+        resolve_block_weights(self.mask_block_weights)  # validates
+        self._check_choices()
+        if self.mask is not None and self.target_modules is None:
+            names = self.mask.modules() if isinstance(self.mask, SparseMask) else list(self.mask)
+            self.target_modules = sorted({normalize_module_name(n) for n in names})
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+
+    def _take_deprecated(self, density, block_weights, loading: bool) -> None:
+        renamed = []
+        if self.mask_init in _DEPRECATED_MASK_INITS:
+            renamed.append(f"mask_init={self.mask_init!r} -> mask_init={_DEPRECATED_MASK_INITS[self.mask_init]!r}")
+            self.mask_init = _DEPRECATED_MASK_INITS[self.mask_init]
+        if density is not None:
+            renamed.append("density -> mask_density")
+            self.mask_density = density
+        if block_weights is not None:
+            renamed.append("block_weights -> mask_block_weights")
+            self.mask_block_weights = block_weights
+        if renamed and not loading:  # adapters saved by sparse-opd 0.1 still load silently
+            warnings.warn(f"SparseDeltaConfig: renamed, please update: {'; '.join(renamed)}", FutureWarning,
+                          stacklevel=4)
+        if loading:
+            self.mask_init = None  # a saved adapter's coordinates come from its file, not from a prior
+
+    def _check_mask(self) -> None:
         if isinstance(self.mask, (str, os.PathLike)):
             self.mask = SparseMask.load(self.mask)
         elif self.mask is not None and not isinstance(self.mask, (SparseMask, dict)):
@@ -123,26 +192,15 @@ class SparseDeltaConfig(PeftConfig):
         if isinstance(self.mask, dict) and not self.mask:
             raise ValueError("mask is empty: name at least one module and its coordinates")
         if self.mask is not None and self.mask_init is not None:
-            raise ValueError("give either mask or mask_init, not both")
-        if self.mask_init is not None:
-            if self.mask_init not in ("magnitude", "random"):
-                raise ValueError(f"mask_init must be 'magnitude' or 'random', got {self.mask_init!r}")
-            if self.density is None or not 0 < self.density <= 1:
-                raise ValueError(f"mask_init={self.mask_init!r} needs a density in (0, 1], got {self.density}")
-        if self.mask is None and self.mask_init is None and not self.module_counts:
             raise ValueError(
-                "SparseDeltaConfig needs coordinates: pass mask=... (SparseMask, mask file or dict) or "
-                "mask_init='magnitude'|'random' with a density"
+                "give either mask (the coordinates) or mask_init (draw them), not both: they contradict each other"
             )
-        if self.mask is not None and self.target_modules is None:
-            names = self.mask.modules() if isinstance(self.mask, SparseMask) else list(self.mask)
-            from ..masks.sparse_mask import normalize_module_name
 
-            self.target_modules = sorted(normalize_module_name(n) for n in names)
-        for name in ("value_dtype", "save_dtype"):
-            value = getattr(self, name)
-            if value is not None and value not in VALUE_DTYPES:
-                raise ValueError(f"{name} must be one of {VALUE_DTYPES}, got {value!r}")
+    def _check_choices(self) -> None:
+        if self.value_dtype != "auto" and self.value_dtype not in VALUE_DTYPES:
+            raise ValueError(f"value_dtype must be 'auto' or one of {tuple(VALUE_DTYPES)}, got {self.value_dtype!r}")
+        if self.save_dtype is not None and self.save_dtype not in VALUE_DTYPES:
+            raise ValueError(f"save_dtype must be one of {tuple(VALUE_DTYPES)}, got {self.save_dtype!r}")
         if self.value_grad not in ("auto", "dense", "sampled"):
             raise ValueError(f"value_grad must be 'auto', 'dense' or 'sampled', got {self.value_grad!r}")
         if self.compose not in ("auto", "always", "never"):
@@ -151,10 +209,7 @@ class SparseDeltaConfig(PeftConfig):
             raise ValueError(f"index_encoding must be 'auto', 'gaps', 'bitmap' or 'int32', got {self.index_encoding!r}")
         if self.grad_block_elements < 1:
             raise ValueError(f"grad_block_elements must be >= 1, got {self.grad_block_elements}")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
 
     def to_dict(self) -> dict:
         # The mask lives in adapter_model.safetensors (compactly encoded), not in JSON.
-        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "mask"}
-        return out
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "mask"}

@@ -7,7 +7,3 @@ from .layer import SparseDeltaModule
 
 class Conv1D(SparseDeltaModule):
     transposed = True
-
-    @property
-    def weight_shape(self) -> tuple[int, int]:
-        return tuple(self.get_base_layer().weight.shape)

@@ -142,11 +142,7 @@ class SparseDeltaFunction(torch.autograd.Function):
 
 
 def _effective_weight(weight, values, indices, shape, dtype):
-    if weight is None:
-        out = scatter_delta(values[0], indices[0], shape, dtype=dtype)
-        for v, i in zip(values[1:], indices[1:]):
-            out.view(-1).index_add_(0, i, v.detach().to(dtype))
-        return out
+    """``W + sum_j D_j`` (or ``sum_j D_j`` when ``weight`` is None), a new dense tensor in ``dtype``."""
     out = scatter_delta(values[0], indices[0], shape, dtype=dtype, base=weight)
     for v, i in zip(values[1:], indices[1:]):
         out.view(-1).index_add_(0, i, v.detach().to(dtype))

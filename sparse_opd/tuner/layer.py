@@ -12,11 +12,11 @@ from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
+from ..masks.targets import stored_shape
 from ..masks.encoding import IndexEncodingError, decode_indices, encode_indices, validate_flat_indices
+from .config import VALUE_DTYPES
 from .functional import DeltaSpec, scatter_delta, sparse_delta_linear
 from .index_streams import IndexStreamDict
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class SparseDeltaLayer(BaseTunerLayer):
@@ -27,7 +27,7 @@ class SparseDeltaLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("sparse_delta_values",)
-    other_param_names = ("sparse_delta_indices", "sparse_delta_index_stream")
+    other_param_names = ("sparse_delta_indices", "sparse_delta_index_stream", "delta_specs", "compose_mode")
     transposed = False
     quantized = False
 
@@ -46,12 +46,17 @@ class SparseDeltaLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
+        self.out_features, self.in_features = self._linear_features()
+
+    def _linear_features(self) -> tuple[int, int]:
+        rows, cols = self.weight_shape
+        return (cols, rows) if self.transposed else (rows, cols)
 
     # shape ----------------------------------------------------------------------------------------------------------
     @property
     def weight_shape(self) -> tuple[int, int]:
-        base = self.get_base_layer()
-        return (base.out_features, base.in_features)
+        """Shape of the base weight as stored (``(out, in)``; GPT-2's ``Conv1D`` stores ``(in, out)``)."""
+        return stored_shape(self.get_base_layer())
 
     @property
     def weight_numel(self) -> int:
@@ -80,7 +85,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         else:
             indices = validate_flat_indices(indices, numel, name=module_name or adapter_name)
             stream = encode_indices(indices, numel, config.index_encoding)
-        dtype = _DTYPES[config.value_dtype]
+        dtype = VALUE_DTYPES.get(config.value_dtype, torch.float32)  # "auto": fp32 unless PEFT says otherwise
         k = indices.numel()
         if config.init_weights:
             values = torch.zeros(k, dtype=dtype)
@@ -132,6 +137,18 @@ class SparseDeltaLayer(BaseTunerLayer):
             self.sparse_delta_indices[adapter_name] = self.sparse_delta_indices[adapter_name].to(device)
             stream = self.sparse_delta_index_stream[adapter_name].to(device)
             self.sparse_delta_index_stream.set_encoded(adapter_name, stream)
+
+    def base_dtype(self) -> torch.dtype:
+        """The dtype the base layer computes in (a quantized layer's compute dtype, float32 if unknown)."""
+        base = self.get_base_layer()
+        if self.quantized:
+            return getattr(base, "compute_dtype", None) or torch.float32
+        return base.weight.dtype
+
+    def cast_values(self, adapter_name: str, dtype: torch.dtype) -> None:
+        param = self.sparse_delta_values[adapter_name]
+        if param.dtype != dtype:
+            self.sparse_delta_values[adapter_name] = nn.Parameter(param.data.to(dtype), requires_grad=param.requires_grad)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Dense delta of one adapter in the stored weight layout (a new tensor; use transiently)."""
@@ -231,9 +248,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it before deleting")
         super().delete_adapter(adapter_name)
-        self.delta_specs.pop(adapter_name, None)
         self._placeholder_adapters.discard(adapter_name)
-        self.compose_mode.pop(adapter_name, None)
 
 
 class SparseDeltaModule(nn.Module, SparseDeltaLayer):

@@ -11,34 +11,21 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from peft.tuners.tuners_utils import BaseTuner
 
-from ..masks.encoding import IndexEncodingError, decode_indices
 from ..masks.budget import allocate_budget
+from ..masks.encoding import IndexEncodingError, decode_indices
 from ..masks.priors import prior_indices
 from ..masks.sparse_mask import SparseMask, normalize_module_name
-from .bnb import QuantizedLinear, bnb_layer_types
-from .config import SparseDeltaConfig
+from ..masks.targets import all_linear_modules, linear_modules, stored_shape, stored_weight
+from .bnb import QuantizedLinear, is_bnb_layer
+from .config import VALUE_DTYPES, SparseDeltaConfig
 from .conv1d import Conv1D
 from .fingerprint import check_fingerprint, compute_fingerprint
-from .layer import _DTYPES, Linear, SparseDeltaLayer
-
-_OUTPUT_HEADS = ("lm_head", "embed_out", "score", "classifier")
-
-
-def _stored_shape(module: nn.Module) -> tuple[int, int] | None:
-    if isinstance(module, SparseDeltaLayer):
-        return module.weight_shape
-    if isinstance(module, HFConv1D):
-        return tuple(module.weight.shape)
-    if isinstance(module, nn.Linear) or isinstance(module, bnb_layer_types()):
-        return (module.out_features, module.in_features)
-    return None
+from .layer import Linear, SparseDeltaLayer
 
 
 def _plain_weight(module: nn.Module) -> torch.Tensor | None:
     base = module.get_base_layer() if isinstance(module, SparseDeltaLayer) else module
-    if isinstance(base, bnb_layer_types()):
-        return None
-    return base.weight
+    return None if is_bnb_layer(base) else base.weight
 
 
 class SparseDeltaModel(BaseTuner):
@@ -50,11 +37,8 @@ class SparseDeltaModel(BaseTuner):
 
     # configuration --------------------------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: SparseDeltaConfig, model_config: dict) -> SparseDeltaConfig:
-        if peft_config.target_modules is None:
-            if peft_config.module_counts:
-                peft_config.target_modules = set(peft_config.module_counts)
-            else:
-                peft_config.target_modules = "all-linear"
+        if peft_config.target_modules is None and peft_config.module_counts:
+            peft_config.target_modules = set(peft_config.module_counts)
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
@@ -77,16 +61,13 @@ class SparseDeltaModel(BaseTuner):
             if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_delta_index_stream
         }
 
-    def _candidate_modules(self, model: nn.Module) -> dict[str, nn.Module]:
-        return {name: module for name, module in model.named_modules() if _stored_shape(module) is not None}
-
     def _resolve_indices(self, model: nn.Module, config: SparseDeltaConfig, adapter_name: str):
         """Module name -> int64 flat indices (or a count when loading: indices come from the adapter file)."""
-        candidates = self._candidate_modules(model)
+        candidates = all_linear_modules(model)
         if config.mask is not None:
             mask = config.mask
             if isinstance(mask, dict):
-                shapes = {normalize_module_name(n): _stored_shape(candidates[normalize_module_name(n)])
+                shapes = {normalize_module_name(n): stored_shape(candidates[normalize_module_name(n)])
                           for n in mask if normalize_module_name(n) in candidates}
                 unknown = [n for n in mask if normalize_module_name(n) not in candidates]
                 if unknown:
@@ -96,7 +77,7 @@ class SparseDeltaModel(BaseTuner):
             if unknown:
                 raise ValueError(self._unknown_modules_message(unknown, model))
             for name in mask.modules():
-                actual = _stored_shape(candidates[name])
+                actual = stored_shape(candidates[name])
                 if tuple(mask.shapes[name]) != tuple(actual):
                     raise ValueError(
                         f"{name}: the mask was made for a weight of shape {tuple(mask.shapes[name])} but the model's "
@@ -111,19 +92,13 @@ class SparseDeltaModel(BaseTuner):
                 )
             resolved = {name: (int(k), int(config.module_index_bytes[name])) for name, k in config.module_counts.items()}
         elif config.mask_init is not None:
-            if config.target_modules in (None, "all-linear"):
-                targets = [n for n in candidates if n.split(".")[-1] not in _OUTPUT_HEADS]
-            else:
-                targets = [n for n in candidates if self._check_target_module_exists(config, n)]
-            resolved = _initial_mask(
-                {n: candidates[n] for n in targets}, config.mask_init, config.density, config.block_weights,
-                config.mask_seed,
-            )
+            targets = linear_modules(model, config.target_modules, config.exclude_modules)
+            resolved = _initial_mask(targets, config)
             config.target_modules = set(resolved)
         else:
             raise ValueError("SparseDeltaConfig has neither a mask, mask_init nor module_counts")
         config.module_counts = {n: int(v[0]) if isinstance(v, tuple) else int(v.numel()) for n, v in resolved.items()}
-        config.module_shapes = {n: list(_stored_shape(candidates[n])) for n in resolved if n in candidates}
+        config.module_shapes = {n: list(stored_shape(candidates[n])) for n in resolved if n in candidates}
         if config.mask is None and config.mask_init is not None and all(torch.is_tensor(v) for v in resolved.values()):
             # Keep the drawn mask on the config (same storage as the layers' buffers, not serialized) so that reusing
             # this config object adapts another model with the same coordinates.
@@ -132,7 +107,7 @@ class SparseDeltaModel(BaseTuner):
 
     @staticmethod
     def _unknown_modules_message(unknown, model) -> str:
-        names = [n for n, m in model.named_modules() if _stored_shape(m) is not None][:5]
+        names = list(all_linear_modules(model))[:5]
         return (
             f"the mask names {len(unknown)} module(s) that are not linear layers of this model: {unknown[:5]}. "
             f"Use module names as in model.named_modules(), e.g. {names}"
@@ -148,6 +123,16 @@ class SparseDeltaModel(BaseTuner):
             config.base_model_fingerprint = actual
         else:
             check_fingerprint(config.base_model_fingerprint, actual, adapter_name)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's switch for adapter dtypes. ``value_dtype="auto"`` keeps the fp32 values on any base by default and
+        takes the base weights' dtype with ``autocast_adapter_dtype=False``; an explicit ``value_dtype`` always wins."""
+        config = self.peft_config[adapter_name]
+        if autocast_adapter_dtype or config.value_dtype != "auto":
+            return
+        for module in self.model.modules():
+            if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_delta_values:
+                module.cast_values(adapter_name, module.base_dtype())
 
     # module creation ------------------------------------------------------------------------------------------------
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
@@ -167,7 +152,7 @@ class SparseDeltaModel(BaseTuner):
 
     @staticmethod
     def _create_new_module(config, adapter_name, target, indices, module_name, placeholder=None):
-        if isinstance(target, bnb_layer_types()):
+        if is_bnb_layer(target):
             cls = QuantizedLinear
         elif isinstance(target, HFConv1D):
             cls = Conv1D
@@ -185,7 +170,7 @@ class SparseDeltaModel(BaseTuner):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if config.save_dtype:
-            dtype = _DTYPES[config.save_dtype]
+            dtype = VALUE_DTYPES[config.save_dtype]
             out = {k: v.to(dtype) if ".sparse_delta_values." in k else v for k, v in out.items()}
         return out
 
@@ -265,18 +250,10 @@ class SparseDeltaModel(BaseTuner):
                         values.index_add_(0, pos, weight * layer.sparse_delta_values[adapter].to(values.dtype))
 
 
-def _initial_mask(modules: dict[str, nn.Module], how: str, density: float, block_weights, seed: int):
+def _initial_mask(modules: dict[str, nn.Module], config: SparseDeltaConfig) -> dict[str, torch.Tensor]:
     """mask_init: per module, the smallest-|W| or random coordinates under an FFN-weighted budget."""
-    shapes = {name: _stored_shape(module) for name, module in modules.items()}
-    counts = allocate_budget(shapes, density=density, block_weights=block_weights)
+    shapes = {name: stored_shape(module) for name, module in modules.items()}
+    counts = allocate_budget(shapes, density=config.mask_density, block_weights=config.mask_block_weights)
     numels = {name: math.prod(shape) for name, shape in shapes.items()}
-    if how == "random":
-        return prior_indices("random", counts, numels, seed=seed)
-    weights = {name: _plain_weight(module) for name, module in modules.items()}
-    quantized = [name for name, weight in weights.items() if weight is None]
-    if quantized:
-        raise ValueError(
-            f"{quantized[0]}: mask_init='magnitude' needs plain weights but the layer is quantized; build the mask on "
-            "the unquantized model (sparse_opd.masks.near_zero_mask) and pass it as mask=..."
-        )
-    return prior_indices("near_zero", counts, numels, weights)
+    weights = {name: stored_weight(module) for name, module in modules.items()}
+    return prior_indices(config.mask_init, counts, numels, weights, seed=config.mask_seed)

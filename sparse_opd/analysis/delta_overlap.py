@@ -16,13 +16,12 @@ PRECISIONS = ("raw", "bf16")
 
 
 def changed_entries(w: torch.Tensor, d: torch.Tensor, threshold: float, precision: str) -> torch.Tensor:
-    """Boolean map of the entries a delta changed: ``|D| > threshold`` as stored, or after a bf16 round trip of
-    ``W`` and ``W + D`` (``precision="bf16"``: what two bf16 checkpoints would show)."""
-    if precision == "bf16":
-        d = M.bf16_visible(w, d)
-    elif precision != "raw":
+    """Boolean map of the entries a delta changed: ``|D| > threshold`` as stored (``precision="raw"``), or after a
+    bf16 round trip of ``W`` and ``W + D`` (``"bf16"``: what two bf16 checkpoints would show); see
+    `metrics.changed_entries`."""
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return d.abs() > threshold
+    return M.changed_entries(w, d, precision, threshold)
 
 
 def delta_overlap(base, tuned_a, tuned_b, *, threshold: float = 1e-5, precision: str = "raw", null: bool = True,

@@ -1,0 +1,213 @@
+"""`SparseOPDTrainer`: TRL's on-policy distillation, training a sparse delta, with context distillation and telemetry.
+
+What it changes in `trl.DistillationTrainer`, and where:
+- `__init__`: turns a mask strategy from the config into a `SparseDeltaConfig` (or accepts a sparse-delta
+  `PeftModel` / `peft_config`), and, without a teacher model, makes the student's own base weights the teacher.
+- `_generate_and_score_completions`: adds the teacher's privileged prompt ids to the batch (`PrivilegedTeacherMixin`).
+- `_compute_loss` / `_get_last_hidden_state`: the teacher scores the same completion tokens after its own prompt,
+  and the base-weights teacher runs the student with the adapter disabled (`PrivilegedTeacherMixin`).
+- `_generate_single_turn`: generates with the delta merged (exactly unmerged after), several times faster on a CPU.
+- `log`: adds the weight-space telemetry; `create_model_card`: adds loading and training notes to TRL's card.
+Generation, the generalized JSD loss, gradient accumulation, checkpoints, resume, hub pushes and distributed training
+are `DistillationTrainer`'s own.
+"""
+
+from __future__ import annotations
+
+import os
+
+from peft import PeftConfig
+from torch import nn
+from trl import DistillationTrainer
+
+from ..tuner import SparseDeltaConfig, SparseDeltaLayer, merged_sparse_delta
+from ..tuner.model_card import add_loading_section
+from .config import SparseOPDConfig
+from .mask_strategies import peft_config_from_strategy
+from .privileged import PrivilegedTeacherMixin, check_teacher_context, load_student
+from .teachers import BaseWeightsTeacher
+from .telemetry import UpdateNormCallback, sparse_delta_stats
+from .vllm_sync import install_vllm_sync
+
+
+def is_sparse_delta_model(model) -> bool:
+    """Whether `model` is a `PeftModel` with at least one sparse-delta layer (`False` for a model id or path)."""
+    from accelerate.utils import is_peft_model
+
+    return isinstance(model, nn.Module) and is_peft_model(model) and any(
+        isinstance(m, SparseDeltaLayer) for m in model.modules()
+    )
+
+
+def _checked_args(args) -> SparseOPDConfig:
+    if args is None:
+        return SparseOPDConfig(output_dir="sparse-opd-output")
+    if not isinstance(args, SparseOPDConfig):
+        raise TypeError(
+            f"args must be a SparseOPDConfig, got {type(args).__name__}; build one with "
+            "SparseOPDConfig(**your_config.to_dict()) or pass the same fields to SparseOPDConfig"
+        )
+    return args
+
+
+def _student_and_adapter_config(model, teacher_model, args, train_dataset, processing_class, quantization_config,
+                                peft_config):
+    """The student (loaded when a prior or probe must read its weights) and the `SparseDeltaConfig` to apply, or
+    `None` when the student already carries a sparse-delta adapter."""
+    already_sparse = is_sparse_delta_model(model)
+    if already_sparse and (peft_config is not None or args.mask_strategy is not None):
+        raise ValueError(
+            "the model already carries a sparse-delta adapter; drop peft_config / mask_strategy, or pass the base "
+            "model instead"
+        )
+    if peft_config is not None and args.mask_strategy is not None:
+        raise ValueError("give either peft_config or args.mask_strategy, not both")
+    if peft_config is not None and not isinstance(peft_config, SparseDeltaConfig):
+        raise TypeError(
+            f"peft_config must be a SparseDeltaConfig (this trainer trains sparse deltas), got "
+            f"{type(peft_config).__name__}; use sparse_opd.OPDTrainer or trl.DistillationTrainer for other PEFT methods"
+        )
+    if already_sparse or peft_config is not None:
+        return model, peft_config
+    if args.mask_strategy is None:
+        raise ValueError(
+            "SparseOPDTrainer needs the coordinates to train: pass a sparse-delta PeftModel, a SparseDeltaConfig as "
+            "peft_config, or set args.mask_strategy ('file', 'diff', 'probe', 'near_zero' or 'random')"
+        )
+    if args.mask_strategy in ("probe", "near_zero", "random") and isinstance(model, str):
+        model = load_student(model, args, quantization_config)
+    return model, peft_config_from_strategy(model, teacher_model, args, train_dataset, processing_class)
+
+
+class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
+    """On-policy distillation into a sparse delta: the student trains values on fixed coordinates of frozen weights.
+
+    Args:
+        model: the student. A sparse-delta `PeftModel`; or a model (id, path or `PreTrainedModel`) with a
+            `SparseDeltaConfig` as `peft_config`; or a model with `args.mask_strategy` set, from which the trainer
+            builds the mask and the adapter itself.
+        teacher_model: a separate teacher (same vocabulary), as an id, path or `PreTrainedModel`, or
+            `args.teacher_model_name_or_path`. If neither is given, the teacher is the student's own base weights
+            (adapter disabled) in a privileged context: the `args.teacher_prompt_column` column or
+            `args.teacher_prompt_template` (on-policy context distillation).
+        args: a `SparseOPDConfig`.
+        train_dataset / eval_dataset: datasets with a `prompt` column (conversational or text) and, for context
+            distillation, the teacher prompt column (or the columns the template uses).
+        Other arguments are `DistillationTrainer`'s.
+
+    Every teacher that has a privileged prompt scores the completion tokens sampled by the student after that
+    prompt; the student scores them after its own prompt; the generalized JSD compares the two on those tokens.
+    """
+
+    _tag_names = ["trl", "distillation", "sparse-opd", "sparse-delta"]
+    _name = "SparseOPD"
+
+    def __init__(
+        self,
+        model,
+        teacher_model=None,
+        args: SparseOPDConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config: PeftConfig | None = None,
+        tools=None,
+    ):
+        args = _checked_args(args)
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        check_teacher_context(args, teacher_model, train_dataset if train_dataset is not None else eval_dataset)
+        model, peft_config = _student_and_adapter_config(
+            model, teacher_model, args, train_dataset, processing_class, quantization_config, peft_config
+        )
+        super().__init__(
+            model=model,
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+        )
+        if not is_sparse_delta_model(self.model):
+            raise ValueError("the student has no sparse-delta layer after setup; check the mask / peft_config")
+        self.adapter_name = self.model.active_adapter
+        if self.teacher_model is None:
+            # Not prepared by the accelerator: it has no parameters of its own and runs the (prepared) student.
+            self.teacher_model = BaseWeightsTeacher(self.model)
+        if self.use_vllm:
+            install_vllm_sync(self.vllm_generation, self.model)
+        self._update_norms = UpdateNormCallback(self.adapter_name)
+        if args.log_weight_stats:
+            self.add_callback(self._update_norms)
+
+    # generation -----------------------------------------------------------------------------------------------------
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        # Merged, the student generates at the base model's speed; unmerge restores the base weights bit for bit.
+        if self.use_vllm or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        with merged_sparse_delta(self.model):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+
+    # logging --------------------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.args.log_weight_stats and self.model.training and "loss" in logs:
+            stats = sparse_delta_stats(self.model, self.adapter_name, tau=self.args.weight_stats_tau)
+            for key in (
+                "moved_frac",
+                "moved_frac_tau",
+                "bf16_visible_frac",
+                "delta_norm_ffn",
+                "delta_norm_attention",
+                "delta_norm_other",
+            ):
+                logs[f"sparse/{key}"] = stats[key]
+            norms = self._update_norms.norms
+            if norms:
+                logs["sparse/update_norm"] = sum(norms) / len(norms)
+                norms.clear()
+        super().log(logs, start_time)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card, plus how to load a sparse-delta adapter and how this one was trained."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        config = self.model.peft_config[self.adapter_name]
+        add_loading_section(self.args.output_dir, config)
+        teacher = (
+            f"the student's own base weights, shown the privileged `{self.args.teacher_prompt_column}` context"
+            if isinstance(self.teacher_model, BaseWeightsTeacher)
+            else f"`{getattr(self._teacher_unwrapped_config(), '_name_or_path', None) or 'a separate model'}`"
+        )
+        counts = config.module_counts or {}
+        section = (
+            "\n\n## Sparse on-policy distillation\n\n"
+            f"- trained coordinates: {sum(counts.values()):,} in {len(counts)} weight matrices "
+            f"(mask: {self.args.mask_strategy or 'given'}"
+            + (
+                f", density {self.args.mask_density}"
+                if self.args.mask_strategy in ("probe", "near_zero", "random")
+                else ""
+            )
+            + ")\n"
+            f"- teacher: {teacher}\n"
+            f"- divergence: generalized JSD with beta={self.args.beta} (0 = forward KL, 1 = reverse KL), "
+            f"temperature {self.args.temperature}\n"
+            f"- steps: {self.state.global_step}, learning rate {self.args.learning_rate}\n"
+        )
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(section)
+
+    def _teacher_unwrapped_config(self):
+        return getattr(self.accelerator.unwrap_model(self.teacher_model), "config", None)
+
+
