@@ -44,6 +44,17 @@ def validate_flat_indices(indices: torch.Tensor, numel: int, name: str = "indice
     return indices
 
 
+def varint_length(value: int) -> int:
+    """Bytes of the LEB128 varint of ``value``."""
+    return max(1, -(-int(value).bit_length() // 7))
+
+
+def max_stream_bytes(numel: int, k: int) -> int:
+    """The largest stream any encoding can write for ``k`` coordinates of a weight of ``numel`` entries: a bound to
+    check a claimed or stored stream size against before allocating or decoding anything."""
+    return 1 + max((numel + 7) // 8, 4 * k, k * varint_length(max(numel - 1, 0)))
+
+
 def _varint_encode(values: np.ndarray) -> np.ndarray:
     values = values.astype(np.uint64)
     n_bytes = np.ones(values.shape, dtype=np.int64)
@@ -76,30 +87,50 @@ def _varint_decode(stream: np.ndarray) -> np.ndarray:
     return np.add.reduceat(contrib, starts).astype(np.int64)
 
 
+def _varint_bytes(values: np.ndarray) -> int:
+    """Total bytes of the LEB128 varints of ``values`` (non-negative), without encoding them."""
+    lengths = np.ones(values.shape, dtype=np.int64)
+    v = values.astype(np.uint64) >> np.uint64(7)
+    while v.any():
+        lengths += v > 0
+        v >>= np.uint64(7)
+    return int(lengths.sum())
+
+
+def _bitmap(idx: np.ndarray, numel: int) -> np.ndarray:
+    """Little-endian bitmap of ``idx`` in ``ceil(numel / 8)`` bytes (never a byte per entry)."""
+    out = np.zeros((numel + 7) // 8, dtype=np.uint8)
+    np.bitwise_or.at(out, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
+    return out
+
+
 def encode_indices(indices: torch.Tensor, numel: int, encoding: str = "auto") -> torch.Tensor:
     """Encode sorted unique flat ``indices`` of a weight with ``numel`` entries into a ``uint8`` stream.
 
-    ``encoding`` is ``"auto"`` (smallest of the three), ``"gaps"``, ``"bitmap"`` or ``"int32"``.
+    ``encoding`` is ``"auto"`` (smallest of the three), ``"gaps"``, ``"bitmap"`` or ``"int32"``. Sizes are computed
+    first and only the chosen stream is built, so a huge weight with few coordinates costs no bitmap.
     """
-    idx = validate_flat_indices(indices, numel).numpy()
-    candidates = {}
-    if encoding in ("auto", "gaps"):
-        gaps = np.diff(idx, prepend=0)
-        candidates[GAPS] = _varint_encode(gaps)
-    if encoding in ("auto", "bitmap"):
-        bits = np.zeros(numel, dtype=np.uint8)
-        bits[idx] = 1
-        candidates[BITMAP] = np.packbits(bits, bitorder="little")
-    if encoding in ("auto", "int32"):
-        if numel > np.iinfo(np.int32).max:
-            if encoding == "int32":
-                raise ValueError(f"int32 encoding cannot hold indices of a weight with {numel} entries")
-        else:
-            candidates[INT32] = idx.astype("<i4").view(np.uint8)
-    if not candidates:
+    if encoding not in ("auto", "gaps", "bitmap", "int32"):
         raise ValueError(f"unknown index encoding {encoding!r}; use 'auto', 'gaps', 'bitmap' or 'int32'")
-    code = min(candidates, key=lambda c: candidates[c].size)
-    payload = candidates[code]
+    idx = validate_flat_indices(indices, numel).numpy()
+    gaps = np.diff(idx, prepend=0)
+    sizes = {}
+    if encoding in ("auto", "gaps"):
+        sizes[GAPS] = _varint_bytes(gaps)
+    if encoding in ("auto", "bitmap"):
+        sizes[BITMAP] = (numel + 7) // 8
+    if encoding in ("auto", "int32"):
+        if numel <= np.iinfo(np.int32).max:
+            sizes[INT32] = 4 * idx.size
+        elif encoding == "int32":
+            raise ValueError(f"int32 encoding cannot hold indices of a weight with {numel} entries")
+    code = min(sizes, key=lambda c: (sizes[c], c))
+    if code == GAPS:
+        payload = _varint_encode(gaps)
+    elif code == BITMAP:
+        payload = _bitmap(idx, numel)
+    else:
+        payload = idx.astype("<i4").view(np.uint8)
     return torch.from_numpy(np.concatenate(([code], payload)).astype(np.uint8))
 
 

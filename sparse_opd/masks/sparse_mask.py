@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -30,6 +31,26 @@ def normalize_module_name(name: str) -> str:
     return name.removesuffix(".base_layer")
 
 
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"{key}/{tensor.dtype}/{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def check_shape(shape, name: str) -> tuple[int, int]:
+    """A weight shape as a tuple of two positive ints, or a `ValueError` naming the module."""
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: the weight shape {shape!r} is not a pair of integers") from None
+    if len(dims) != 2 or min(dims) < 1:
+        raise ValueError(f"{name}: a weight shape must be two positive sizes (rows, cols), got {dims}")
+    return dims
+
+
 @dataclass
 class SparseMask:
     """Module name -> sorted unique flat indices into that module's weight, plus the weight's shape.
@@ -45,10 +66,13 @@ class SparseMask:
         if set(self.indices) != set(self.shapes):
             missing = set(self.indices) ^ set(self.shapes)
             raise ValueError(f"SparseMask needs a shape for every module and vice versa; mismatched: {sorted(missing)}")
-        clean_idx, clean_shapes = {}, {}
+        clean_idx, clean_shapes, given = {}, {}, {}
         for name in self.indices:
-            shape = tuple(int(s) for s in self.shapes[name])
             key = normalize_module_name(name)
+            if key in given:
+                raise ValueError(f"{given[key]!r} and {name!r} name the same module {key!r}; give each module once")
+            given[key] = name
+            shape = check_shape(self.shapes[name], key)
             clean_idx[key] = validate_flat_indices(self.indices[name], math.prod(shape), name=key)
             clean_shapes[key] = shape
         self.indices, self.shapes = clean_idx, clean_shapes
@@ -66,16 +90,16 @@ class SparseMask:
                     raise ValueError(
                         f"{key}: boolean mask has shape {tuple(value.shape)} but the weight has shape {tuple(shapes[key])}"
                     )
-                indices[key] = torch.nonzero(value.reshape(-1)).reshape(-1)
-                out_shapes[key] = tuple(value.shape)
+                indices[name] = torch.nonzero(value.reshape(-1)).reshape(-1)
+                out_shapes[name] = tuple(value.shape)
             else:
                 if shapes is None or key not in shapes:
                     raise ValueError(
                         f"{key}: flat indices need the weight's shape; pass shapes={{'{key}': (out, in)}} "
                         "or give a boolean mask of the weight's shape"
                     )
-                indices[key] = value
-                out_shapes[key] = tuple(shapes[key])
+                indices[name] = value
+                out_shapes[name] = tuple(shapes[key])
         return cls(indices, out_shapes)
 
     @classmethod
@@ -182,7 +206,7 @@ class SparseMask:
             shape = self.shapes[name]
             tensors[f"{name}.indices"] = encode_indices(idx, math.prod(shape), encoding)
             tensors[f"{name}.shape"] = torch.tensor(shape, dtype=torch.int64)
-        save_file(tensors, str(path), metadata={"format": MASK_FORMAT})
+        save_file(tensors, str(path), metadata={"format": MASK_FORMAT, "sha256": _digest(tensors)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SparseMask:
@@ -195,10 +219,19 @@ class SparseMask:
         with handle as f:
             if (f.metadata() or {}).get("format") != MASK_FORMAT:
                 raise ValueError(f"{path} is not a sparse_opd mask file (metadata format != {MASK_FORMAT!r})")
-            names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
+            keys = set(f.keys())
+            names = sorted({k.rsplit(".", 1)[0] for k in keys})
             indices, shapes = {}, {}
             for name in names:
-                shape = tuple(int(s) for s in f.get_tensor(f"{name}.shape").tolist())
+                if f"{name}.shape" not in keys or f"{name}.indices" not in keys:
+                    raise ValueError(f"{path}: module {name} lacks its .shape or .indices tensor (corrupted mask file)")
+                raw_shape = f.get_tensor(f"{name}.shape")
+                if raw_shape.is_floating_point() or raw_shape.numel() != 2:
+                    raise ValueError(f"{path}: module {name} has a malformed shape tensor {raw_shape.tolist()[:4]}")
+                shape = check_shape(raw_shape.tolist(), name)
                 indices[name] = decode_indices(f.get_tensor(f"{name}.indices"), math.prod(shape), name=name)
                 shapes[name] = shape
+            expected = (f.metadata() or {}).get("sha256")
+            if expected and expected != _digest({k: f.get_tensor(k) for k in keys}):
+                raise ValueError(f"{path}: the mask's contents do not match its checksum (a corrupted file)")
         return cls(indices, shapes)

@@ -65,7 +65,7 @@ class SparseDeltaConfig(PeftConfig):
         index_encoding (`str`): `"auto"` (smallest per module), `"gaps"`, `"bitmap"` or `"int32"`.
 
     Filled in by the tuner (do not set by hand): `module_counts`, `module_index_bytes`, `module_shapes`,
-    `base_model_fingerprint`.
+    `base_model_fingerprint`, `weights_digest`.
     """
 
     mask: Optional[str] = field(
@@ -133,6 +133,9 @@ class SparseDeltaConfig(PeftConfig):
     )
     base_model_fingerprint: Optional[dict[str, Optional[str]]] = field(
         default=None, metadata={"help": "Filled by the tuner: digest of the base weights the adapter was made for."}
+    )
+    weights_digest: Optional[str] = field(
+        default=None, metadata={"help": "Filled when saving: digest of adapter_model.safetensors, checked on load."}
     )
     # deprecated spellings, accepted with a warning (not stored)
     density: InitVar[Optional[float]] = None

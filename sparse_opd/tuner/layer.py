@@ -13,7 +13,13 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..masks.targets import stored_shape
-from ..masks.encoding import IndexEncodingError, decode_indices, encode_indices, validate_flat_indices
+from ..masks.encoding import (
+    IndexEncodingError,
+    decode_indices,
+    encode_indices,
+    max_stream_bytes,
+    validate_flat_indices,
+)
 from .config import VALUE_DTYPES
 from .functional import DeltaSpec, scatter_delta, sparse_delta_linear
 from .index_streams import IndexStreamDict
@@ -33,6 +39,7 @@ class SparseDeltaLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
+        self._module_name = ""
         self.sparse_delta_values = nn.ParameterDict({})
         # decoded int64 flat indices used for compute; the persistent form is the encoded stream
         self.sparse_delta_indices = BufferDict({}, persistent=False)
@@ -43,6 +50,8 @@ class SparseDeltaLayer(BaseTunerLayer):
         self._merge_backup: dict[str, torch.Tensor] = {}
         # adapters built from a saved config alone, whose indices must still come from an adapter file
         self._placeholder_adapters: set[str] = set()
+        # adapters loaded from a file whose values have not been checked yet (finite, really loaded)
+        self._unverified_adapters: set[str] = set()
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -79,15 +88,23 @@ class SparseDeltaLayer(BaseTunerLayer):
             k, stream_bytes = placeholder
             if not 0 < k <= numel:
                 raise ValueError(f"{module_name}: the config asks for {k} coordinates in a weight of {numel} entries")
+            if not 1 < stream_bytes <= max_stream_bytes(numel, k):
+                raise ValueError(
+                    f"{module_name}: the config claims a {stream_bytes}-byte index stream, more than {k} coordinates "
+                    f"of a weight of {numel} entries can take ({max_stream_bytes(numel, k)}); the config is corrupted"
+                )
             indices = torch.arange(k, dtype=torch.long) * (numel // k)
             stream = torch.zeros(stream_bytes, dtype=torch.uint8)
             self._placeholder_adapters.add(adapter_name)
+            self._unverified_adapters.add(adapter_name)
         else:
             indices = validate_flat_indices(indices, numel, name=module_name or adapter_name)
             stream = encode_indices(indices, numel, config.index_encoding)
         dtype = VALUE_DTYPES.get(config.value_dtype, torch.float32)  # "auto": fp32 unless PEFT says otherwise
         k = indices.numel()
-        if config.init_weights:
+        if placeholder is not None:  # NaN until the adapter file fills them: never silently a zero delta
+            values = torch.full((k,), float("nan"), dtype=dtype)
+        elif config.init_weights:
             values = torch.zeros(k, dtype=dtype)
         else:
             gen = torch.Generator().manual_seed(zlib.crc32(f"{module_name}/{adapter_name}".encode()))
@@ -199,12 +216,27 @@ class SparseDeltaLayer(BaseTunerLayer):
         return result + self._delta_output(delta_x, None, adapters)
 
     def _check_loaded(self, adapters) -> None:
+        """Refuse to use an adapter whose file never filled it in, or filled it with non-finite values (checked once
+        per loaded adapter: transformers' own `load_adapter` bypasses the tuner's load-time checks)."""
         unloaded = self._placeholder_adapters.intersection(adapters)
         if unloaded:
             raise RuntimeError(
-                f"sparse-delta adapter(s) {sorted(unloaded)} were built from a config without a mask and their "
-                "coordinates were never loaded; use PeftModel.from_pretrained / load_adapter, or pass mask=..."
+                f"sparse-delta adapter(s) {sorted(unloaded)} of {self._module_name or 'a layer'} were built from a "
+                "config without a mask and their coordinates were never loaded (the adapter file has no index "
+                "stream for this module); use PeftModel.from_pretrained / load_adapter with a complete adapter, or "
+                "pass mask=..."
             )
+        for adapter in self._unverified_adapters.intersection(adapters):
+            values = self.sparse_delta_values[adapter]
+            if values.device.type == "meta":
+                raise RuntimeError(f"{self._module_name}: the adapter file has no values for adapter {adapter!r}")
+            bad = int((~torch.isfinite(values.detach())).sum())
+            if bad:
+                raise RuntimeError(
+                    f"{self._module_name}: adapter {adapter!r} holds {bad} non-finite values (NaN or inf): its file is "
+                    "missing this module's values or holds corrupted ones"
+                )
+            self._unverified_adapters.discard(adapter)
 
     # merging --------------------------------------------------------------------------------------------------------
     def _refuse_quantized_merge(self):
@@ -249,6 +281,7 @@ class SparseDeltaLayer(BaseTunerLayer):
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it before deleting")
         super().delete_adapter(adapter_name)
         self._placeholder_adapters.discard(adapter_name)
+        self._unverified_adapters.discard(adapter_name)
 
 
 class SparseDeltaModule(nn.Module, SparseDeltaLayer):

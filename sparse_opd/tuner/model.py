@@ -12,15 +12,15 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 from peft.tuners.tuners_utils import BaseTuner
 
 from ..masks.budget import allocate_budget
-from ..masks.encoding import IndexEncodingError, decode_indices
 from ..masks.priors import prior_indices
 from ..masks.sparse_mask import SparseMask, normalize_module_name
 from ..masks.targets import all_linear_modules, linear_modules, stored_shape, stored_weight
 from .bnb import QuantizedLinear, is_bnb_layer
 from .config import VALUE_DTYPES, SparseDeltaConfig
 from .conv1d import Conv1D
-from .fingerprint import check_fingerprint, compute_fingerprint
+from .fingerprint import check_fingerprint, compute_fingerprint, merge_probe
 from .layer import Linear, SparseDeltaLayer
+from .loading import adapter_digest, check_adapter_state
 
 
 def _plain_weight(module: nn.Module) -> torch.Tensor | None:
@@ -118,11 +118,10 @@ class SparseDeltaModel(BaseTuner):
         for name, module in model.named_modules():
             if isinstance(module, SparseDeltaLayer) and adapter_name in module.sparse_delta_values:
                 layers[name] = (module.weight_shape, _plain_weight(module))
-        actual = compute_fingerprint(layers)
         if config.base_model_fingerprint is None:
-            config.base_model_fingerprint = actual
+            config.base_model_fingerprint = compute_fingerprint(layers)
         else:
-            check_fingerprint(config.base_model_fingerprint, actual, adapter_name)
+            check_fingerprint(config.base_model_fingerprint, layers, adapter_name)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's switch for adapter dtypes. ``value_dtype="auto"`` keeps the fp32 values on any base by default and
@@ -172,43 +171,18 @@ class SparseDeltaModel(BaseTuner):
         if config.save_dtype:
             dtype = VALUE_DTYPES[config.save_dtype]
             out = {k: v.to(dtype) if ".sparse_delta_values." in k else v for k, v in out.items()}
+        config.weights_digest = adapter_digest(out, adapter_name)  # adapter_config.json is written after the weights
+        if config.base_model_fingerprint:
+            layers = {normalize_module_name(n): m for n, m in model.named_modules()
+                      if isinstance(m, SparseDeltaLayer) and adapter_name in m.sparse_delta_values}
+            probe = merge_probe(layers, adapter_name, config.base_model_fingerprint.get("dtype"))
+            config.base_model_fingerprint = {**config.base_model_fingerprint, "merge_probe": probe}
         return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        shapes = config.module_shapes or {}
-        counts = config.module_counts or {}
-        seen = set()
-        for key in list(remapped):
-            if f".sparse_delta_index_stream.{adapter_name}" in key:
-                module = normalize_module_name(key.split(".sparse_delta_index_stream.")[0])
-                if module not in shapes:
-                    raise ValueError(f"adapter file has indices for {module}, which adapter_config.json does not list")
-                try:
-                    idx = decode_indices(remapped[key], math.prod(shapes[module]), name=module)
-                except IndexEncodingError as err:
-                    raise ValueError(f"corrupted or foreign sparse-delta adapter file: {err}") from None
-                if idx.numel() != counts.get(module):
-                    raise ValueError(
-                        f"{module}: the adapter file holds {idx.numel()} indices but adapter_config.json says "
-                        f"{counts.get(module)} (mismatched config and weights)"
-                    )
-                seen.add(module)
-            elif f".sparse_delta_values.{adapter_name}" in key:
-                values = remapped[key]
-                module = normalize_module_name(key.split(".sparse_delta_values.")[0])
-                if not values.is_floating_point():
-                    raise ValueError(f"{module}: sparse-delta values must be floating point, got {values.dtype}")
-                if not torch.isfinite(values).all():
-                    bad = int((~torch.isfinite(values)).sum())
-                    raise ValueError(f"{module}: the adapter file holds {bad} non-finite values (NaN or inf)")
-        missing = sorted(set(counts) - seen)
-        if missing:
-            raise ValueError(
-                f"the adapter file has no sparse-delta indices for {len(missing)} module(s), e.g. {missing[:3]}: it is "
-                "truncated, from another PEFT method, or does not belong to this adapter_config.json"
-            )
+        check_adapter_state(model, config, adapter_name, remapped)  # before PEFT copies anything
         return remapped
 
     # combining adapters ---------------------------------------------------------------------------------------------

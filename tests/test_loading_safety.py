@@ -1,0 +1,174 @@
+"""No file, however broken, corrupts a model or loads as something it is not; saving never leaves a broken pair."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from sparse_opd import SparseDeltaConfig, SparseMask
+from sparse_opd.masks import random_mask
+from tiny_models import make_model
+
+
+def _trained(model, seed=0, scale=0.02):
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask=random_mask(model, density=0.1, seed=seed),
+                                                         init_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "sparse_delta_values" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * scale)
+    return peft_model
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"{key} changed"
+
+
+def test_loading_over_a_merged_adapter_is_refused_and_changes_nothing(tmp_path):
+    other = _trained(make_model("llama"), seed=1)
+    other.save_pretrained(tmp_path / "other")
+    model = _trained(make_model("llama"), seed=0)
+    model.merge_adapter()
+    before = _state(model)
+    with pytest.raises(ValueError, match="merged into the base weights.*unmerge_adapter"):
+        model.load_adapter(tmp_path / "other", adapter_name="default")
+    _assert_unchanged(model, before)
+    model.unmerge_adapter()
+    plain = make_model("llama").state_dict()
+    for key, value in model.get_base_model().state_dict().items():
+        key = key.replace(".base_layer", "")
+        if key in plain and "sparse_delta" not in key:
+            assert torch.equal(value, plain[key]), f"{key}: unmerge did not restore the base exactly"
+
+
+def test_a_failed_load_over_an_existing_adapter_leaves_it_whole(tmp_path):
+    other = _trained(make_model("llama"), seed=1)
+    other.save_pretrained(tmp_path / "other")
+    tensors = load_file(tmp_path / "other" / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if k.endswith("sparse_delta_values"))[-1]  # the last module: a late failure
+    tensors[key][0] = float("nan")
+    save_file(tensors, tmp_path / "other" / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = _trained(make_model("llama"), seed=0)
+    before = _state(model)
+    with pytest.raises(ValueError):
+        model.load_adapter(tmp_path / "other", adapter_name="default")
+    _assert_unchanged(model, before)
+
+
+def test_transformers_load_adapter_refuses_nan_or_missing_values_at_first_use(tmp_path, tokens):
+    _trained(make_model("llama")).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    up = next(k for k in tensors if k.endswith("layers.0.mlp.up_proj.sparse_delta_values"))
+    for case, edit in (("nan", lambda t: t[up].__setitem__(0, float("nan"))), ("missing", lambda t: t.pop(up))):
+        edited = {k: v.clone() for k, v in tensors.items()}
+        edit(edited)
+        folder = tmp_path / case
+        folder.mkdir()
+        save_file(edited, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text((tmp_path / "adapter_config.json").read_text())
+        model = make_model("llama")
+        model.load_adapter(str(folder))
+        with pytest.raises(RuntimeError, match="up_proj.*non-finite"):
+            model(tokens)
+
+
+def test_an_exception_while_saving_leaves_the_old_adapter_intact(tmp_path, monkeypatch, tokens):
+    first = _trained(make_model("llama"), seed=0)
+    first.save_pretrained(tmp_path)
+    expected = PeftModel.from_pretrained(make_model("llama"), tmp_path)(tokens).logits
+    from peft.config import PeftConfigMixin
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PeftConfigMixin, "save_pretrained", fail)  # fails after the new weights were written
+    with pytest.raises(OSError, match="disk full"):
+        _trained(make_model("llama"), seed=1, scale=0.5).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    torch.testing.assert_close(PeftModel.from_pretrained(make_model("llama"), tmp_path)(tokens).logits, expected)
+
+
+def test_a_kill_between_the_two_renames_is_caught_on_load(tmp_path, monkeypatch):
+    _trained(make_model("llama"), seed=0).save_pretrained(tmp_path)
+    real_replace, moved = os.replace, []
+
+    def replace_then_die(src, dst):
+        if moved:  # the weights were replaced; the process dies before the config follows
+            raise KeyboardInterrupt
+        moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _trained(make_model("llama"), seed=1, scale=0.5).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert moved and moved[0].endswith("adapter_model.safetensors")
+    with pytest.raises(ValueError, match="weights_digest"):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_same_checkpoint_in_any_precision_matches_the_fingerprint(tmp_path, dtype, tokens):
+    _trained(make_model("llama")).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_model("llama", dtype=dtype), tmp_path)
+    assert torch.isfinite(loaded(tokens).logits).all()
+
+
+def test_other_weights_and_the_merged_checkpoint_are_refused(tmp_path):
+    trained = _trained(make_model("llama"), scale=1e-3)
+    trained.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="same shapes but different weights"):
+        PeftModel.from_pretrained(make_model("llama", seed=1), tmp_path / "adapter")
+    merged = trained.merge_and_unload()
+    with pytest.raises(ValueError, match="already contains.*apply the delta twice"):
+        PeftModel.from_pretrained(merged, tmp_path / "adapter")
+
+
+def test_hostile_adapter_config_sizes_are_bounded_before_allocation(tmp_path):
+    _trained(make_model("llama")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    module = next(iter(config["module_index_bytes"]))
+    config["module_index_bytes"][module] = 2 * 1024**3  # a 3 KB config claiming a 2 GB stream
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="index stream.*corrupted"):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 100 * 1024, "more than 100 MiB allocated"
+
+
+def test_mask_names_that_normalize_to_one_module_are_an_error():
+    idx = torch.tensor([1, 2])
+    for names in (("x", "x.weight"), ("x", "base_model.model.x"), ("a.b", "a.b.base_layer")):
+        with pytest.raises(ValueError, match="name the same module"):
+            SparseMask({n: idx for n in names}, {n: (4, 4) for n in names})
+        with pytest.raises(ValueError, match="name the same module"):
+            SparseMask.from_dict({n: idx for n in names}, {"x": (4, 4), "a.b": (4, 4)})
+
+
+@pytest.mark.parametrize("shape", [(-4, 4), (0, 4), (4,), (2, 2, 2), ("a", 4)])
+def test_bad_mask_shapes_are_an_error(shape):
+    with pytest.raises(ValueError, match="shape"):
+        SparseMask({"x": torch.tensor([0])}, {"x": shape})
+
+
+def test_resaving_a_tiny_mask_that_claims_a_huge_shape_stays_small(tmp_path):
+    mask = SparseMask({"x": torch.tensor([0, 7, 10**9])}, {"x": (50_000, 50_000)})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mask.save(tmp_path / "m.safetensors")
+    assert SparseMask.load(tmp_path / "m.safetensors") == mask
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 50 * 1024, "a bitmap was built"
+    assert os.path.getsize(tmp_path / "m.safetensors") < 1024
