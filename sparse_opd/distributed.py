@@ -19,6 +19,13 @@ def is_zero3_param(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "ds_id")
 
 
+def _available(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter that is gathered already (by a forward, or an enclosing `GatheredParameters`): gathering
+    it again would nest contexts over the same parameter, which DeepSpeed refuses."""
+    status = getattr(param, "ds_status", None)
+    return getattr(status, "name", None) == "AVAILABLE"
+
+
 def is_dtensor(tensor: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -49,7 +56,7 @@ def gathered(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     ZeRO-3 parameters are gathered in place (``deepspeed.zero.GatheredParameters``, released on exit); DTensors are
     all-gathered into new local tensors. Writes to the yielded tensors are not propagated back.
     """
-    zero3 = [t for t in tensors if is_zero3_param(t)]
+    zero3 = [t for t in tensors if is_zero3_param(t) and not _available(t)]
     context = contextlib.nullcontext()
     if zero3:
         import deepspeed
@@ -57,3 +64,22 @@ def gathered(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
         context = deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
     with context:
         yield [t.full_tensor() if is_dtensor(t) else t for t in tensors]
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded parameter (the whole tensor when it is not sharded)."""
+    if is_zero3_param(tensor):
+        return tensor.ds_tensor
+    if is_dtensor(tensor):
+        return tensor.to_local()
+    return tensor
+
+
+def sum_over_shards(value: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """Sum a per-rank partial result over the ranks when it was computed on shards (a collective); unsharded results
+    are already whole on every rank."""
+    if not sharded or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    value = value.clone()
+    torch.distributed.all_reduce(value)
+    return value

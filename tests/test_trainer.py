@@ -531,3 +531,102 @@ def test_dense_opd_trainer_with_lora_uses_the_disabled_adapter_as_teacher(tmp_pa
             train_dataset=train_set,
             processing_class=tokenizer,
         )
+
+
+# ---------------------------------------------------------------------------------- the path users actually run
+
+
+def test_every_teacher_pass_runs_in_eval_mode(tmp_path, tokenizer, train_set):
+    student = tiny_llama(tokenizer)
+    student.config.attention_dropout = 0.5  # dropout live in train mode, as in GPT-2 / OPT / Phi defaults
+    for layer in student.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    trainer = SparseOPDTrainer(model=student, args=make_args(tmp_path), train_dataset=train_set,
+                               processing_class=tokenizer)
+    batch = fixed_batch(trainer, train_set, n=4)
+    trainer.model.train()  # the student trains
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    trainer._teacher_batch = batch
+    with torch.no_grad():
+        first, second = (trainer._get_last_hidden_state(trainer.teacher_model, ids, mask, batch["completion_ids"].shape[1])
+                         for _ in range(2))
+    assert torch.equal(first, second), "dropout was live in the teacher pass"
+    assert trainer.model.training, "the student's mode is restored"
+
+
+def test_a_separate_teacher_reads_the_students_prompt_unless_asked(tmp_path, tokenizer, train_set):
+    plain = SparseOPDTrainer(model=student_model(tokenizer), teacher_model=peaked_teacher(tokenizer),
+                             args=make_args(tmp_path), train_dataset=train_set, processing_class=tokenizer)
+    assert "teacher_prompt_ids" not in fixed_batch(plain, train_set, n=2), "standard OPD: the plain prompt"
+    privileged = SparseOPDTrainer(model=student_model(tokenizer), teacher_model=peaked_teacher(tokenizer),
+                                  args=make_args(tmp_path, teacher_privileged_context=True), train_dataset=train_set,
+                                  processing_class=tokenizer)
+    assert "teacher_prompt_ids" in fixed_batch(privileged, train_set, n=2)
+    with pytest.raises(ValueError, match="teacher_privileged_context=False with no teacher model"):
+        SparseOPDTrainer(model=student_model(tokenizer), args=make_args(tmp_path, teacher_privileged_context=False),
+                         train_dataset=train_set, processing_class=tokenizer)
+
+
+def test_the_probe_of_a_bf16_model_is_not_the_near_zero_prior(tmp_path, tokenizer, train_set):
+    from sparse_opd.masks import near_zero_mask
+
+    student = student_model(tokenizer).to(torch.bfloat16)
+    prior = near_zero_mask(student, density=0.05)
+    args = make_args(tmp_path, mask_strategy="probe", mask_density=0.05, mask_probe_steps=2,
+                     mask_probe_learning_rate=1e-5, model_init_kwargs=None)
+    trainer = SparseOPDTrainer(model=student, teacher_model=peaked_teacher(tokenizer).to(torch.bfloat16), args=args,
+                               train_dataset=train_set, processing_class=tokenizer)
+    probe = sparse_opd.adapter_mask(trainer.model)
+    lift = probe.overlap(prior)["total"].jaccard_lift
+    assert lift < 3, f"the probe mask shares {lift:.1f}x chance with the near-zero prior: bf16 rounded its steps away"
+    assert all(p.dtype == torch.bfloat16 for n, p in trainer.model.named_parameters() if "sparse_delta" not in n)
+
+
+def test_the_student_and_teacher_can_be_given_by_path(tmp_path, tokenizer, train_set):
+    student_model(tokenizer).save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    peaked_teacher(tokenizer).save_pretrained(tmp_path / "teacher")
+    mask = sparse_opd.masks.random_mask(student_model(tokenizer), density=0.1)
+    mask.save(tmp_path / "mask.safetensors")
+    for extra in ({"mask_strategy": "near_zero"}, {"mask_strategy": "file", "mask_path": str(tmp_path / "mask.safetensors")}):
+        trainer = SparseOPDTrainer(model=str(tmp_path / "student"), teacher_model=str(tmp_path / "teacher"),
+                                   args=make_args(tmp_path, max_steps=1, **extra), train_dataset=train_set,
+                                   processing_class=tokenizer)
+        trainer.train()
+        assert sparse_delta_layers(trainer.model)
+    trainer = SparseOPDTrainer(model=str(tmp_path / "student"), args=make_args(tmp_path, mask_strategy=None),
+                               peft_config=SparseDeltaConfig(mask=mask), train_dataset=train_set,
+                               processing_class=tokenizer)
+    assert sparse_opd.adapter_mask(trainer.model) == mask
+    OPDTrainer(model=str(tmp_path / "student"), args=make_args(tmp_path, mask_strategy=None, max_steps=1),
+               train_dataset=train_set, processing_class=tokenizer).train()
+
+
+def test_bf16_rollouts_come_from_the_trained_policy_not_a_rounded_merge(tokenizer):
+    """bf16(W + delta) drops a small delta; the generation path must add it as the training forward does."""
+    from sparse_opd.tuner import merged_sparse_delta
+
+    model = get_peft_model(student_model(tokenizer).to(torch.bfloat16),
+                           SparseDeltaConfig(mask_init="random", mask_density=0.3))
+    with torch.no_grad():
+        for layer in sparse_delta_layers(model).values():
+            w = layer.get_base_layer().weight.reshape(-1)[layer.sparse_delta_indices["default"]].float()
+            layer.sparse_delta_values["default"].copy_(0.3 * w.abs() * 2.0**-8)  # ~0.3 bf16 steps of W
+    ids = torch.tensor([tokenizer("Ava has 3 apples .")["input_ids"]])
+    with torch.no_grad(), model.disable_adapter():
+        base = model(ids).logits.float()
+    train = model(ids).logits.float().detach()  # the training forward (gradients on)
+    with torch.no_grad(), merged_sparse_delta(model):  # what generation runs under
+        generation = model(ids).logits.float()
+    effect = (train - base).norm()
+    assert effect > 0
+    assert (generation - train).norm() / effect < 0.1
+    layers = list(sparse_delta_layers(model).values())
+    with torch.no_grad():
+        for layer in layers:
+            layer.merge()  # the old path: merge into the bf16 weights
+        rounded = model(ids).logits.float()
+        for layer in layers:
+            layer.unmerge()
+    assert (rounded - train).norm() / effect > 0.5, "a bf16 merge should lose most of this delta"

@@ -134,7 +134,8 @@ def test_save_and_load_round_trip_with_different_counts_per_module(kind, tokens,
     shapes = _mask(model).shapes
     mask = SparseMask({n: torch.randperm(shapes[n][0] * shapes[n][1])[: counts[n]] for n in names}, shapes)
     peft_model = get_peft_model(model, SparseDeltaConfig(mask=mask, init_weights=False))
-    expected = peft_model(tokens).logits
+    with torch.no_grad():  # the same (gradient-free) path as the reloaded, inference-mode adapter
+        expected = peft_model(tokens).logits
     peft_model.save_pretrained(tmp_path)
 
     fresh = make_model(kind)
@@ -151,7 +152,8 @@ def test_auto_peft_model_and_transformers_load_adapter(tokens, tmp_path):
     model.save_pretrained(tmp_path / "base")
     peft_model = get_peft_model(model, SparseDeltaConfig(mask=_mask(model), init_weights=False))
     peft_model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
-    expected = peft_model(tokens).logits
+    with torch.no_grad():  # the same (gradient-free) path as the reloaded, inference-mode adapter
+        expected = peft_model(tokens).logits
     peft_model.save_pretrained(tmp_path / "adapter")
 
     auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
@@ -250,7 +252,8 @@ def test_adapters_made_with_mask_init_reload(tokens, tmp_path, mask_init):
     model = make_model("llama")
     state = copy.deepcopy(model.state_dict())
     peft_model = get_peft_model(model, SparseDeltaConfig(mask_init=mask_init, mask_density=0.1, init_weights=False))
-    expected = peft_model(tokens).logits
+    with torch.no_grad():  # the same (gradient-free) path as the reloaded, inference-mode adapter
+        expected = peft_model(tokens).logits
     peft_model.save_pretrained(tmp_path)
     fresh = make_model("llama")
     fresh.load_state_dict(state)

@@ -40,6 +40,8 @@ class SparseOPDConfig(DistillationConfig):
         mask_probe_statistic (`str`, *optional*, defaults to `"update"`): statistic the probe ranks coordinates by
             (see `sparse_opd.masks.ProbeCallback`).
         mask_seed (`int`, *optional*, defaults to `0`): seed of `"random"`.
+        mask_save_path (`str`, *optional*): also write the mask the strategy built to this file (`SparseMask.save`),
+            e.g. to reuse a probe's mask under FSDP / ZeRO-3 with `mask_strategy="file"`.
 
     Parameters that control the teacher's context:
 
@@ -53,8 +55,14 @@ class SparseOPDConfig(DistillationConfig):
             `{prompt}` (the student's last user message, or the whole prompt for plain text) and any other column,
             e.g. `"Reference solution:\n{solution}\n\n{prompt}"`.
 
+        teacher_privileged_context (`bool`, *optional*):
+            Whether the teacher reads the privileged prompt. By default (`None`) only a teacher that is the student's
+            own base weights does (on-policy context distillation); a separate teacher model reads the student's own
+            prompt (standard on-policy distillation) unless this is `True`.
+
     With no teacher model (neither `teacher_model` nor `teacher_model_name_or_path`), the teacher is the student's own
-    base weights (the adapter disabled) in the privileged context, which must then be given.
+    base weights (the adapter disabled) in the privileged context, which must then be given. Every teacher pass runs in
+    eval mode (no dropout), whatever mode the student trains in.
 
     Parameters that control the weight-space telemetry:
 
@@ -64,6 +72,9 @@ class SparseOPDConfig(DistillationConfig):
             the delta's L2 norm per block (`sparse/delta_norm_ffn`, `..._attention`, `..._other`) and the L2 norm of
             the last optimizer step's update of the values (`sparse/update_norm`, averaged over the logging window).
         weight_stats_tau (`float`, *optional*, defaults to `1e-5`): threshold of `sparse/moved_frac_tau`.
+        log_rollout_mismatch (`bool`, *optional*, defaults to `True`): log how far the log-probabilities of the
+            sampled tokens under the generation path (transformers or vLLM) are from the training forward's:
+            `rollout/logp_abs_diff` (mean over tokens), `rollout/logp_abs_diff_max`, `rollout/logp_diff` (signed).
 
     > [!NOTE]
     > Default differing from [`~trl.DistillationConfig`]: `learning_rate` is `1e-4` instead of `1e-6`. The trainable
@@ -107,6 +118,10 @@ class SparseOPDConfig(DistillationConfig):
         default="update", metadata={"help": "Statistic the probe ranks coordinates by (see ProbeCallback)."}
     )
     mask_seed: int = field(default=0, metadata={"help": "Seed of mask_strategy='random'."})
+    mask_save_path: str | None = field(
+        default=None,
+        metadata={"help": "Also write the mask the strategy built to this file (e.g. a probe's, to reuse it)."},
+    )
 
     # Parameters that control the teacher's context
     teacher_prompt_column: str | None = field(
@@ -114,6 +129,13 @@ class SparseOPDConfig(DistillationConfig):
         metadata={
             "help": "Column with the teacher's privileged prompt (on-policy context distillation); used when the "
             "dataset has it."
+        },
+    )
+    teacher_privileged_context: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Whether the teacher reads the privileged prompt. Default: only when the teacher is the student's "
+            "own base weights; a separate teacher model reads the student's prompt unless this is True."
         },
     )
     teacher_prompt_template: str | None = field(
@@ -129,6 +151,10 @@ class SparseOPDConfig(DistillationConfig):
         default=True, metadata={"help": "Log moved / bf16-visible fractions and delta / update norms."}
     )
     weight_stats_tau: float = field(default=1e-5, metadata={"help": "Threshold of sparse/moved_frac_tau."})
+    log_rollout_mismatch: bool = field(
+        default=True,
+        metadata={"help": "Log |log p_generation - log p_training| of the sampled tokens (rollout/logp_abs_diff)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -7,6 +7,7 @@ import copy
 import tempfile
 
 import torch
+from accelerate.utils import DistributedType
 
 from ..masks import ProbeCallback, SparseMask, near_zero_mask, random_mask
 from ..tuner import SparseDeltaConfig
@@ -50,37 +51,58 @@ def peft_config_from_strategy(model, teacher_model, args, train_dataset, process
 
 
 def probe_mask(model, teacher_model, args, train_dataset, processing_class) -> SparseMask:
-    """Run `mask_probe_steps` dense OPD steps with a `ProbeCallback`, take its mask, restore the weights."""
+    """Run `mask_probe_steps` dense OPD steps with a `ProbeCallback`, take its mask, restore the weights exactly.
+
+    The dense steps run on float32 weights, whatever the model's dtype: a bf16 weight cannot hold a step of a
+    full-fine-tuning learning rate except near zero, so a bf16 probe would only rediscover the near-zero prior. The
+    model's own tensors (dtype and bits) are put back afterwards.
+    """
     from .opd_trainer import OPDTrainer
 
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if args.distributed_state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            "mask_strategy='probe' trains the student densely in place first, which FSDP and DeepSpeed ZeRO-3 cannot "
+            "undo (they shard the model they prepare). Run the probe once without sharding (one process or DDP) with "
+            "--mask_save_path probe.safetensors, then train here with --mask_strategy file --mask_path "
+            "probe.safetensors"
+        )
+    # float32 tensors are trained in place, so they are copied; the others are replaced by `.float()` copies
+    saved = {name: tensor.data.clone() if tensor.dtype == torch.float32 else tensor.data
+             for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+    model.float()
     probe = ProbeCallback(statistic=args.mask_probe_statistic, target_modules=args.mask_target_modules)
-    with tempfile.TemporaryDirectory(prefix="sparse-opd-probe-") as tmp:
-        probe_args = copy.deepcopy(args)
-        for key, value in {
-            "output_dir": tmp,
-            "max_steps": args.mask_probe_steps,
-            "learning_rate": args.mask_probe_learning_rate,
-            "save_strategy": "no",
-            "eval_strategy": "no",
-            "report_to": [],
-            "push_to_hub": False,
-            "logging_steps": args.mask_probe_steps,
-            "mask_strategy": None,
-            "log_weight_stats": False,
-        }.items():
-            setattr(probe_args, key, value)
-        OPDTrainer(
-            model=model,
-            teacher_model=teacher_model,
-            args=probe_args,
-            train_dataset=train_dataset,
-            processing_class=processing_class,
-            callbacks=[probe],
-        ).train()
-    mask = probe.to_mask(density=args.mask_density, block_weights=args.mask_block_weights)  # before restoring
-    with torch.no_grad():
-        model.load_state_dict(saved)
-    for param in model.parameters():
-        param.grad = None
-    return mask
+    try:
+        with tempfile.TemporaryDirectory(prefix="sparse-opd-probe-") as tmp:
+            OPDTrainer(
+                model=model,
+                teacher_model=teacher_model,
+                args=_probe_args(args, tmp),
+                train_dataset=train_dataset,
+                processing_class=processing_class,
+                callbacks=[probe],
+            ).train()
+        return probe.to_mask(density=args.mask_density, block_weights=args.mask_block_weights)
+    finally:
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            tensor.data = saved[name]
+            if isinstance(tensor, torch.nn.Parameter):
+                tensor.grad = None
+
+
+def _probe_args(args, output_dir: str):
+    probe_args = copy.deepcopy(args)
+    for key, value in {
+        "output_dir": output_dir,
+        "max_steps": args.mask_probe_steps,
+        "learning_rate": args.mask_probe_learning_rate,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": [],
+        "push_to_hub": False,
+        "logging_steps": args.mask_probe_steps,
+        "mask_strategy": None,
+        "log_weight_stats": False,
+        "log_rollout_mismatch": False,
+    }.items():
+        setattr(probe_args, key, value)
+    return probe_args

@@ -11,6 +11,7 @@ from trl import DistillationTrainer
 
 from .config import SparseOPDConfig
 from .privileged import PrivilegedTeacherMixin, check_teacher_context, load_student
+from .rollout_check import RolloutCheckMixin
 from .teachers import BaseWeightsTeacher
 
 
@@ -20,7 +21,7 @@ def _is_peft_model(model) -> bool:
     return isinstance(model, nn.Module) and is_peft_model(model)
 
 
-class OPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
+class OPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTrainer):
     """On-policy distillation of every weight (or of a LoRA / other PEFT adapter) with `SparseOPDTrainer`'s teachers.
 
     The baseline sparse OPD is measured against, and the way to make the full-OPD checkpoint that
@@ -43,6 +44,7 @@ class OPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
             if isinstance(model, str):
                 model = load_student(model, args, kwargs.get("quantization_config"))
             teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self._teacher_is_student_copy = True  # the student's starting weights: it reads the privileged context
         super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset,
                          peft_config=peft_config, **kwargs)
         if self.teacher_model is None:

@@ -3,6 +3,8 @@ own prompt (worked examples, the reference solution, ...), and may be the studen
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from trl.trainer.utils import create_model_from_path, pad
 
@@ -32,6 +34,17 @@ def check_teacher_context(args, teacher_model, dataset) -> None:
                 )
     elif dataset is not None:  # iterable dataset without known columns: trust the first row at run time
         has_context = has_context or args.teacher_prompt_column is not None
+    if teacher_model is not None and args.teacher_privileged_context and not has_context:
+        raise ValueError(
+            "teacher_privileged_context=True, but the data has no privileged context for the teacher: add a "
+            f"{args.teacher_prompt_column!r} column or set teacher_prompt_template"
+        )
+    if teacher_model is None and args.teacher_privileged_context is False:
+        raise ValueError(
+            "teacher_privileged_context=False with no teacher model: the student's own base weights would be the "
+            "teacher with the student's own prompt, i.e. the student itself. Pass a teacher model, or let the base "
+            "weights read the privileged context"
+        )
     if teacher_model is None and not has_context:
         raise ValueError(
             "no teacher: pass teacher_model (or args.teacher_model_name_or_path), or give the student's own base "
@@ -52,6 +65,17 @@ def load_student(model_id: str, args: SparseOPDConfig, quantization_config):
     return create_model_from_path(model_id, **kwargs)
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """A teacher pass runs in eval mode (no dropout): deterministic, whatever mode the student trains in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class PrivilegedTeacherMixin:
     """Lets a `DistillationTrainer`'s teacher score the student's completions after its own (privileged) prompt.
 
@@ -70,8 +94,15 @@ class PrivilegedTeacherMixin:
             extra += sorted(template_fields(self.args.teacher_prompt_template) - {"prompt"})
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
+    def _teacher_reads_privileged_context(self) -> bool:
+        if self.args.teacher_privileged_context is not None:
+            return self.args.teacher_privileged_context
+        return isinstance(self.teacher_model, BaseWeightsTeacher) or getattr(self, "_teacher_is_student_copy", False)
+
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
+        if not self._teacher_reads_privileged_context():
+            return output  # a separate teacher reads the student's prompt: standard on-policy distillation
         teacher_prompts = [
             build_teacher_prompt(x, self.args.teacher_prompt_column, self.args.teacher_prompt_template) for x in inputs
         ]
@@ -127,6 +158,7 @@ class PrivilegedTeacherMixin:
             attention_mask = torch.cat([batch["teacher_prompt_mask"], batch["completion_mask"]], dim=1)
         if isinstance(unwrapped_model, BaseWeightsTeacher):
             student = unwrapped_model.student
-            with student.disable_adapter():
+            with student.disable_adapter(), _eval_mode(student):
                 return super()._get_last_hidden_state(student, input_ids, attention_mask, logits_to_keep, **kwargs)
-        return super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
+        with _eval_mode(unwrapped_model):
+            return super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)

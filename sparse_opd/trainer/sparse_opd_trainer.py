@@ -3,10 +3,13 @@
 What it changes in `trl.DistillationTrainer`, and where:
 - `__init__`: turns a mask strategy from the config into a `SparseDeltaConfig` (or accepts a sparse-delta
   `PeftModel` / `peft_config`), and, without a teacher model, makes the student's own base weights the teacher.
-- `_generate_and_score_completions`: adds the teacher's privileged prompt ids to the batch (`PrivilegedTeacherMixin`).
-- `_compute_loss` / `_get_last_hidden_state`: the teacher scores the same completion tokens after its own prompt,
-  and the base-weights teacher runs the student with the adapter disabled (`PrivilegedTeacherMixin`).
-- `_generate_single_turn`: generates with the delta merged (exactly unmerged after), several times faster on a CPU.
+- `_generate_and_score_completions`: adds the teacher's privileged prompt ids to the batch (`PrivilegedTeacherMixin`)
+  and the sampled tokens' generation log-probabilities (`RolloutCheckMixin`).
+- `_compute_loss` / `_get_last_hidden_state`: the teacher scores the same completion tokens after its own prompt, in
+  eval mode; the base-weights teacher runs the student with the adapter disabled (`PrivilegedTeacherMixin`); the
+  rollout/training log-probability mismatch is measured (`RolloutCheckMixin`).
+- `_generate_single_turn`: generates from exactly the trained policy (fp32 layers merged bit for bit, others through
+  the sparse path), recording the sampled tokens' log-probabilities; with vLLM, keeps vLLM's (`RolloutCheckMixin`).
 - `log`: adds the weight-space telemetry; `create_model_card`: adds loading and training notes to TRL's card.
 Generation, the generalized JSD loss, gradient accumulation, checkpoints, resume, hub pushes and distributed training
 are `DistillationTrainer`'s own.
@@ -25,6 +28,7 @@ from ..tuner.model_card import add_loading_section
 from .config import SparseOPDConfig
 from .mask_strategies import peft_config_from_strategy
 from .privileged import PrivilegedTeacherMixin, check_teacher_context, load_student
+from .rollout_check import RolloutCheckMixin
 from .teachers import BaseWeightsTeacher
 from .telemetry import UpdateNormCallback, sparse_delta_stats
 from .vllm_sync import install_vllm_sync
@@ -76,10 +80,13 @@ def _student_and_adapter_config(model, teacher_model, args, train_dataset, proce
         )
     if args.mask_strategy in ("probe", "near_zero", "random") and isinstance(model, str):
         model = load_student(model, args, quantization_config)
-    return model, peft_config_from_strategy(model, teacher_model, args, train_dataset, processing_class)
+    peft_config = peft_config_from_strategy(model, teacher_model, args, train_dataset, processing_class)
+    if args.mask_save_path and args.distributed_state.is_main_process:
+        peft_config.mask.save(args.mask_save_path)
+    return model, peft_config
 
 
-class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
+class SparseOPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTrainer):
     """On-policy distillation into a sparse delta: the student trains values on fixed coordinates of frozen weights.
 
     Args:
@@ -144,17 +151,17 @@ class SparseOPDTrainer(PrivilegedTeacherMixin, DistillationTrainer):
             self.teacher_model = BaseWeightsTeacher(self.model)
         if self.use_vllm:
             install_vllm_sync(self.vllm_generation, self.model)
+            if self._recording():
+                self.vllm_generation.logprobs = 0  # the sampled token's log-probability, for rollout/logp_abs_diff
         self._update_norms = UpdateNormCallback(self.adapter_name)
         if args.log_weight_stats:
             self.add_callback(self._update_norms)
 
     # generation -----------------------------------------------------------------------------------------------------
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
-        # Merged, the student generates at the base model's speed; unmerge restores the base weights bit for bit.
-        if self.use_vllm or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-        with merged_sparse_delta(self.model):
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+    def _generation_context(self):
+        # fp32 layers generate merged (the same weights as the training forward, bit for bit; unmerge restores the
+        # base exactly); bf16/fp16, quantized and sharded layers stay unmerged and use the layer's O(k) sparse path.
+        return merged_sparse_delta(self.model)
 
     # logging --------------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

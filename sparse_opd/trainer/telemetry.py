@@ -11,16 +11,25 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..masks import block_of
+from ..distributed import gathered, is_sharded, local_shard, sum_over_shards
 from ..tuner import SparseDeltaLayer, sparse_delta_layers
 
 
-def _base_entries(module: SparseDeltaLayer, indices: torch.Tensor) -> torch.Tensor | None:
+def _base_entries(module: SparseDeltaLayer, adapter_name: str) -> torch.Tensor | None:
+    """The base weight's entries at the adapter's indices (cached for a sharded weight: gathered once, frozen)."""
     base = module.get_base_layer()
     weight = getattr(base, "weight", None)
     if module.quantized or weight is None or weight.device.type == "meta":
         return None
-    # the indices address the weight as stored, so a flat view of the stored tensor is the right frame
-    return weight.detach().reshape(-1)[indices]
+    indices = module.sparse_delta_indices[adapter_name]
+    if not is_sharded(weight):
+        # the indices address the weight as stored, so a flat view of the stored tensor is the right frame
+        return weight.detach().reshape(-1)[indices.to(weight.device)]
+    cache = module.__dict__.setdefault("_telemetry_base_entries", {})
+    if adapter_name not in cache or cache[adapter_name].numel() != indices.numel():
+        with gathered([weight]) as (full,):
+            cache[adapter_name] = full.detach().reshape(-1)[indices.to(full.device)].clone()
+    return cache[adapter_name]
 
 
 @torch.no_grad()
@@ -41,14 +50,15 @@ def sparse_delta_stats(model: nn.Module, adapter_name: str = "default", tau: flo
     total = moved = moved_tau = visible = visible_total = 0
     sq_norms = {"ffn": 0.0, "attention": 0.0, "other": 0.0}
     for name, module in layers.items():
-        values = module.sparse_delta_values[adapter_name].detach()
-        indices = module.sparse_delta_indices[adapter_name]
+        with gathered([module.sparse_delta_values[adapter_name]]) as (values,):
+            values = values.detach().clone()
         total += values.numel()
         moved += int((values != 0).sum())
         moved_tau += int((values.abs() > tau).sum())
         sq_norms[block_of(name)] += float(values.double().pow(2).sum())
-        base = _base_entries(module, indices)
+        base = _base_entries(module, adapter_name)
         if base is not None:
+            values = values.to(base.device)
             before = base.to(torch.bfloat16)
             after = (base.float() + values.float()).to(torch.bfloat16)
             visible += int((after != before).sum())
@@ -68,8 +78,10 @@ def sparse_delta_stats(model: nn.Module, adapter_name: str = "default", tau: flo
 class UpdateNormCallback(TrainerCallback):
     """Records the L2 norm of each optimizer step's change to the sparse values.
 
-    Snapshots the values just before the optimizer step and measures the difference just after it; the norms collect
-    in `norms` until the trainer reads and clears them at its next log.
+    Snapshots this rank's part of the values when a training step begins and measures the difference when it ends
+    (DeepSpeed steps its optimizer inside the backward pass, so the optimizer-step events would see no change),
+    summed over ranks when the values are sharded by ZeRO-3 or FSDP2; the norms collect in `norms` until the trainer
+    reads and clears them at its next log.
     """
 
     def __init__(self, adapter_name: str = "default"):
@@ -82,13 +94,14 @@ class UpdateNormCallback(TrainerCallback):
             m.sparse_delta_values[self.adapter_name] for m in sparse_delta_layers(model, self.adapter_name).values()
         ]
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
-            self._before = [(p, p.detach().clone()) for p in self._values(model)]
+            self._before = [(p, local_shard(p).detach().clone()) for p in self._values(model)]
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):
         if not self._before:
             return
-        sq = sum(float((p.detach() - before).double().pow(2).sum()) for p, before in self._before)
-        self.norms.append(sq**0.5)
+        square = sum((local_shard(p).detach().double() - before.double()).pow(2).sum() for p, before in self._before)
+        sharded = any(is_sharded(p) for p, _ in self._before)
+        self.norms.append(float(sum_over_shards(torch.as_tensor(square, dtype=torch.float64), sharded)) ** 0.5)
         self._before = []

@@ -46,6 +46,15 @@ def scatter_delta(values: torch.Tensor, indices: torch.Tensor, shape, dtype=None
     return out.view(shape)
 
 
+def merged_entries(original: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``W + v`` at the trained entries, rounded once to ``W``'s dtype. An fp32/fp64 weight adds in its own dtype, so
+    a merged weight equals the transient ``W + delta`` of the training forward bit for bit; a bf16/fp16 weight adds in
+    fp64 first (the merge exports, not what bf16 training computes: see `sparse_opd.tuner.merging`)."""
+    if original.dtype in (torch.float32, torch.float64):
+        return original + values.to(original.dtype)
+    return (original.double() + values.double()).to(original.dtype)
+
+
 def _apply_weight(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return x @ weight if transposed else F.linear(x, weight)
 
@@ -153,3 +162,20 @@ def sparse_delta_linear(x, weight, spec: DeltaSpec, values: list, indices: list)
     """Autograd entry point; see :class:`SparseDeltaFunction`."""
     pairs = [t for pair in zip(values, indices) for t in pair]
     return SparseDeltaFunction.apply(x, weight, spec, *pairs)
+
+
+@torch.no_grad()
+def sparse_delta_matmul(x: torch.Tensor, spec: DeltaSpec, values: list, indices: list) -> torch.Tensor:
+    """``x @ (sum_j D_j)_lin^T`` from the k trained entries alone, for forwards without gradients (generation,
+    evaluation, teacher passes): ``T * k`` multiply-adds, accumulated in float32, and no dense delta. The transient
+    is ``T x (one adapter's k)`` entries; `SparseDeltaLayer` takes this path only while that fits ``block_elements``.
+    """
+    rows, cols = spec.shape
+    x2 = x.reshape(-1, x.shape[-1])
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.zeros(x2.shape[0], rows if not spec.transposed else cols, dtype=acc, device=x.device)
+    for v, idx in zip(values, indices):
+        r, c = torch.div(idx, cols, rounding_mode="floor"), idx % cols
+        source, target = (r, c) if spec.transposed else (c, r)  # Linear: y_r += v x_c; Conv1D: y_c += v x_r
+        out.index_add_(1, target, x2[:, source].to(acc) * v.to(device=x.device, dtype=acc))
+    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])

@@ -12,6 +12,7 @@ from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
+from ..distributed import full_numel
 from ..masks.targets import stored_shape
 from ..masks.encoding import (
     IndexEncodingError,
@@ -21,7 +22,7 @@ from ..masks.encoding import (
     validate_flat_indices,
 )
 from .config import VALUE_DTYPES
-from .functional import DeltaSpec, scatter_delta, sparse_delta_linear
+from .functional import DeltaSpec, merged_entries, scatter_delta, sparse_delta_linear, sparse_delta_matmul
 from .index_streams import IndexStreamDict
 
 
@@ -128,7 +129,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         stream = self.sparse_delta_index_stream[adapter_name]
         name = getattr(self, "_module_name", "") or adapter_name
         indices = decode_indices(stream.cpu(), self.weight_numel, name=name)
-        expected = self.sparse_delta_values[adapter_name].numel()
+        expected = full_numel(self.sparse_delta_values[adapter_name])  # ZeRO-3 keeps only a partition
         if indices.numel() != expected:
             raise IndexEncodingError(
                 f"{name}: the adapter file holds {indices.numel()} indices for {expected} values "
@@ -188,6 +189,16 @@ class SparseDeltaLayer(BaseTunerLayer):
             return False
         return always or weight.dtype in (torch.float32, torch.float64)
 
+    def _sparse_path(self, x: torch.Tensor, adapters: list[str]) -> bool:
+        """Without gradients, and while ``T x k`` fits a gradient block, the delta's product is computed from the k
+        entries alone: a generated token costs O(k) instead of a dense delta (or ``W + delta``) of the whole weight."""
+        if torch.is_grad_enabled() and (x.requires_grad or any(self.sparse_delta_values[a].requires_grad
+                                                             for a in adapters)):
+            return False
+        tokens = x.numel() // max(1, x.shape[-1])
+        return all(tokens * self.sparse_delta_values[a].numel() <= self.delta_specs[a].block_elements
+                   for a in adapters)
+
     def _delta_output(self, x, weight, adapters):
         spec = self.delta_specs[adapters[0]]
         values = [self.sparse_delta_values[a] for a in adapters]
@@ -208,6 +219,11 @@ class SparseDeltaLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         self._check_loaded(adapters)
         base = self.get_base_layer()
+        if self._sparse_path(x, adapters):
+            result = self.base_layer(x, *args, **kwargs)
+            values = [self.sparse_delta_values[a] for a in adapters]
+            indices = [self.sparse_delta_indices[a] for a in adapters]
+            return result + sparse_delta_matmul(x.to(result.dtype), self.delta_specs[adapters[0]], values, indices)
         if self._can_compose(x, adapters):
             out = self._delta_output(x, base.weight, adapters)
             return out if base.bias is None else out + base.bias
@@ -259,7 +275,7 @@ class SparseDeltaLayer(BaseTunerLayer):
                 continue
             idx = self.sparse_delta_indices[adapter]
             original = flat[idx].clone()
-            merged = (original.double() + self.sparse_delta_values[adapter].detach().double()).to(flat.dtype)
+            merged = merged_entries(original, self.sparse_delta_values[adapter].detach())
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or infs in the merged weights: adapter {adapter!r} is broken")
             self._merge_backup[adapter] = original

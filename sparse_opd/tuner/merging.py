@@ -1,29 +1,36 @@
 """Merged views of a sparse delta: weights composed out of place, and merging around generation.
 
-`compose_merged_weight` builds ``cast(W + delta)`` as a new tensor (the base weights are never written): what a
-generation engine such as vLLM is sent, or a merged export. `merged_sparse_delta` merges the active adapters in
-place for the duration of a block and restores the base weights bit for bit after (the tuner's unmerge writes back
-the saved original entries).
+`compose_merged_weight` builds ``W + delta`` (rounded once to the base dtype) as a new tensor, never writing the
+base: what a generation engine such as vLLM is sent, or a merged export. `merged_sparse_delta` merges in place for
+the duration of a block, but only the layers where merging is exact: an fp32/fp64 weight merged holds the same bits
+as the training forward's transient ``W + delta``, so generating from it samples the trained policy, and the tuner's
+unmerge restores the base bit for bit. A bf16/fp16 weight cannot hold a small delta (``bf16(W + delta)`` drops what
+is below half its rounding step, while the training forward adds ``x @ delta^T`` to the base output), so those layers
+stay unmerged and generate through the sparse path of the layer's forward, which costs O(k) per token.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+from ..distributed import gathered, is_sharded
+from .functional import merged_entries
 from .layer import SparseDeltaLayer
+
+EXACT_MERGE_DTYPES = (torch.float32, torch.float64)
 
 
 @torch.no_grad()
 def compose_merged_weight(module: SparseDeltaLayer, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """A new tensor `cast(W + delta)` over all active adapters of `module`, in the base weight's dtype and layout.
+    """A new tensor ``W + delta`` over all active adapters of `module`, in the base weight's dtype and layout.
 
-    The sum is formed in fp32 (fp64 for an fp64 base) at the trained coordinates only and rounded once to the
-    weight's dtype; entries outside the mask are copied bit for bit.
+    The trained entries are added as the tuner's merge adds them (`merged_entries`: one rounding to the weight's
+    dtype); entries outside the mask are copied bit for bit. ``weight`` defaults to the base layer's (pass a gathered
+    full tensor for a sharded one).
     """
     if module.quantized:
         raise ValueError(
@@ -34,14 +41,14 @@ def compose_merged_weight(module: SparseDeltaLayer, weight: torch.Tensor | None 
     merged = weight.detach().clone()
     if module.disable_adapters or module.merged:
         return merged  # disabled: the base; merged: the base layer already holds W + delta
+    adapters = module._active()
+    module._check_loaded(adapters)
     flat = merged.view(-1)
-    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    for adapter in module.active_adapters:
-        if adapter not in module.sparse_delta_values:
-            continue
+    for adapter in adapters:
         indices = module.sparse_delta_indices[adapter].to(flat.device)
-        values = module.sparse_delta_values[adapter].detach().to(flat.device, acc_dtype)
-        flat[indices] = (flat[indices].to(acc_dtype) + values).to(weight.dtype)
+        values = module.sparse_delta_values[adapter].detach().to(flat.device)
+        with gathered([values]) as (values,):
+            flat[indices] = merged_entries(flat[indices], values)
     return merged
 
 
@@ -53,10 +60,10 @@ def iter_merged_named_weights(
     """`(name, tensor)` of a sparse-delta `PeftModel` as a plain model with the delta merged, one tensor at a time.
 
     Names drop PEFT's `base_model.model.` prefix and `.base_layer`; the sparse-delta values themselves are not
-    yielded. `gather(params)` is entered around each read (ZeRO-3 / FSDP gathering; a no-op by default) and
-    `rename` maps a plain name to the engine's (e.g. TRL's `_fix_param_name_to_vllm`).
+    yielded. Sharded parameters (ZeRO-3, FSDP2) are gathered one at a time (`sparse_opd.distributed.gathered`, or
+    ``gather(params)`` if given, entered around each read: a collective, so every rank must iterate); `rename` maps a
+    plain name to the engine's (e.g. TRL's `_fix_param_name_to_vllm`).
     """
-    gather = gather or (lambda params: contextlib.nullcontext())
     owners: dict[str, SparseDeltaLayer] = {}
     for name, module in model.named_modules():
         if isinstance(module, SparseDeltaLayer):
@@ -67,23 +74,28 @@ def iter_merged_named_weights(
         plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
         plain = rename(plain) if rename is not None else plain
         owner = owners.get(name)
-        extra = [owner.sparse_delta_values[a] for a in owner.sparse_delta_values] if owner is not None else []
-        with gather([param, *extra]):
-            yield plain, compose_merged_weight(owner, param) if owner is not None else param.data
+        if gather is not None:
+            with gather([param]):
+                yield plain, compose_merged_weight(owner, param) if owner is not None else param.data
+            continue
+        with gathered([param]) as (full,):
+            yield plain, compose_merged_weight(owner, full) if owner is not None else full.detach()
 
 
-def _mergeable(layer: SparseDeltaLayer) -> bool:
+def _exactly_mergeable(layer: SparseDeltaLayer) -> bool:
     if layer.merged or layer.disable_adapters or layer.quantized or not layer._active():
         return False
     weight = layer.get_base_layer().weight
-    # sharded (ZeRO-3 / FSDP) or meta weights cannot be merged in place
-    return weight.device.type != "meta" and weight.numel() == math.prod(layer.weight_shape)
+    values = [layer.sparse_delta_values[a] for a in layer._active()]
+    return (weight.dtype in EXACT_MERGE_DTYPES and weight.device.type != "meta" and not is_sharded(weight)
+            and not any(is_sharded(v) for v in values))
 
 
 @contextlib.contextmanager
 def merged_sparse_delta(model: nn.Module):
-    """Merge the active sparse-delta adapters of `model` in place while the block runs; unmerge them on exit."""
-    merged = [m for m in model.modules() if isinstance(m, SparseDeltaLayer) and _mergeable(m)]
+    """While the block runs, merge the active adapters of every layer where merging is exact (see the module
+    docstring); unmerge them on exit, restoring the base weights bit for bit."""
+    merged = [m for m in model.modules() if isinstance(m, SparseDeltaLayer) and _exactly_mergeable(m)]
     done = []
     try:
         for layer in merged:

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from peft.tuners.tuners_utils import BaseTuner
 
+from ..distributed import is_sharded
 from ..masks.budget import allocate_budget
 from ..masks.priors import prior_indices
 from ..masks.sparse_mask import SparseMask, normalize_module_name
@@ -171,6 +172,8 @@ class SparseDeltaModel(BaseTuner):
         if config.save_dtype:
             dtype = VALUE_DTYPES[config.save_dtype]
             out = {k: v.to(dtype) if ".sparse_delta_values." in k else v for k, v in out.items()}
+        if any(is_sharded(v) or v.numel() == 0 for k, v in out.items() if ".sparse_delta_values." in k):
+            return out  # a shard of a sharded checkpoint (FSDP / ZeRO-3): not a file that loads as an adapter alone
         config.weights_digest = adapter_digest(out, adapter_name)  # adapter_config.json is written after the weights
         if config.base_model_fingerprint:
             layers = {normalize_module_name(n): m for n, m in model.named_modules()
