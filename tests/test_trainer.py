@@ -411,30 +411,86 @@ def test_gradient_accumulation_and_evaluation_with_context_distillation(tmp_path
     assert [h["sparse/update_norm"] > 0 for h in history if "loss" in h] == [True, True]
 
 
-def test_vllm_sync_streams_plain_names_and_merged_weights(tokenizer):
-    import contextlib
+class StandInVLLMServer:
+    """What TRL's `VLLMClient` does for a sync, as a server: receive (name, dtype, shape) metadata and the named
+    tensors, load them into its own copy of the model (plain names, as vLLM names them)."""
+
+    def __init__(self, plain_state):
+        self.weights = {k: v.clone() for k, v in plain_state.items()}
+        self.received: list[dict] = []
+
+    def update_named_params(self, metadata, named_params):
+        received = dict(named_params)
+        assert [(n, list(t.shape)) for n, t in received.items()] == [(n, s) for n, _, s in metadata]
+        for name, tensor in received.items():
+            assert self.weights[name].shape == tensor.shape, name
+            self.weights[name] = tensor.clone()
+        self.received.append(received)
+
+    def reset_prefix_cache(self):
+        pass
+
+
+def _stand_in_generation(server, mode="server"):
     import types
 
+    return types.SimpleNamespace(mode=mode, enable_sleep_mode=False, vllm_client=server,
+                                 accelerator=types.SimpleNamespace(is_main_process=True),
+                                 _fix_param_name_to_vllm=lambda name: name)
+
+
+def test_vllm_sync_sends_the_trained_policy_and_then_only_what_changed(tokenizer):
+    from sparse_opd.tuner import compose_merged_weight
     from sparse_opd.trainer.vllm_sync import install_vllm_sync
 
-    model = get_peft_model(tiny_llama(tokenizer), SparseDeltaConfig(mask_init="random", mask_density=0.2, init_weights=False))
-    gathered = []
-    fake = types.SimpleNamespace(
-        _dist=types.SimpleNamespace(
-            is_fsdp=False, gather_params=lambda params: gathered.append(len(params)) or contextlib.nullcontext()
-        ),
-        _fix_param_name_to_vllm=lambda name: name,
-    )
-    install_vllm_sync(fake, model)
-    sent = dict(fake._iter_named_params())
-    plain = tiny_llama(tokenizer).state_dict()
-    assert set(sent) == set(plain), "vLLM receives exactly the plain model's parameter names"
-    for name, layer in sparse_delta_layers(model, "default").items():
-        key = name.removeprefix("base_model.model.") + ".weight"
-        expected = layer.get_base_layer().weight + layer.get_delta_weight("default")
-        torch.testing.assert_close(sent[key], expected, rtol=0, atol=1e-7)
-        assert not torch.equal(sent[key], layer.get_base_layer().weight)
-    assert len(gathered) == len(sent), "every tensor is read inside the gather context"
+    base = tiny_llama(tokenizer).to(torch.bfloat16)
+    server = StandInVLLMServer(tiny_llama(tokenizer, seed=9).to(torch.bfloat16).state_dict())  # stale weights
+    model = get_peft_model(base, SparseDeltaConfig(mask_init="random", mask_density=0.2, init_weights=False))
+    sync = install_vllm_sync(_stand_in_generation(server), model)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    for step in range(3):
+        with torch.no_grad():
+            for layer in sparse_delta_layers(model).values():
+                layer.sparse_delta_values["default"].add_(1e-3 * (step + 1))
+        sync()
+        for name, layer in sparse_delta_layers(model, "default").items():
+            key = name.removeprefix("base_model.model.") + ".weight"
+            assert torch.equal(server.weights[key], compose_merged_weight(layer)), f"step {step}: {key}"
+        plain = {n.removeprefix("base_model.model.").replace(".base_layer", ""): p for n, p in before.items()
+                 if "sparse_delta" not in n}
+        for key, value in server.weights.items():  # everything else is the base, bit for bit
+            if key not in {n.removeprefix("base_model.model.") + ".weight" for n in sparse_delta_layers(model)}:
+                assert torch.equal(value, plain[key]), key
+    assert set(server.received[0]) == set(server.weights), "the first sync sends the whole model"
+    adapted = {n.removeprefix("base_model.model.") + ".weight" for n in sparse_delta_layers(model)}
+    assert all(set(r) == adapted for r in server.received[1:]), "later syncs send only the adapted weights"
+    assert sync.sync_bytes[1] < sync.sync_bytes[0]
+    for name, param in model.named_parameters():  # the student's base was never written
+        if "sparse_delta" not in name:
+            assert torch.equal(param, before[name]), name
+
+
+def test_sparse_payload_rebuilds_the_merged_weights_on_a_stand_in_server(tokenizer):
+    from sparse_opd.tuner import compose_merged_weight
+    from sparse_opd.trainer.vllm_sync import SparseDeltaReceiver, payload_bytes, sparse_payload
+
+    model = get_peft_model(tiny_llama(tokenizer).to(torch.bfloat16),
+                           SparseDeltaConfig(mask_init="random", mask_density=0.05, init_weights=False))
+    layers = sparse_delta_layers(model, "default")
+    receiver = SparseDeltaReceiver({n.removeprefix("base_model.model.") + ".weight": m.get_base_layer().weight
+                                    for n, m in layers.items()})  # the first (dense) sync
+    first = sparse_payload(model, with_indices=True)
+    receiver.apply(first)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.sparse_delta_values["default"].mul_(-3.0)
+    later = sparse_payload(model, with_indices=False)
+    rebuilt = receiver.apply(later)
+    for name, layer in layers.items():
+        assert torch.equal(rebuilt[name.removeprefix("base_model.model.") + ".weight"], compose_merged_weight(layer))
+    k = sum(m.sparse_delta_values["default"].numel() for m in layers.values())
+    assert payload_bytes(later) == 2 * k, "a later sync sends k bf16 values and nothing else"
+    assert payload_bytes(first) == 2 * k + 8 * k
 
 
 def test_probe_strategy_keeps_the_top_scoring_coordinates_and_restores_the_weights(

@@ -258,3 +258,22 @@ def test_adapters_made_with_mask_init_reload(tokens, tmp_path, mask_init):
     fresh = make_model("llama")
     fresh.load_state_dict(state)
     torch.testing.assert_close(PeftModel.from_pretrained(fresh, tmp_path)(tokens).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gradient_free_sparse_path_equals_the_training_forward(kind, tokens, dtype):
+    """Generation and evaluation run each layer's O(k) CSR path; it computes what the training forward computes."""
+    model = make_model(kind, dtype=dtype)
+    peft_model = get_peft_model(model, SparseDeltaConfig(mask_init="random", mask_density=0.1, init_weights=False))
+    peft_model.add_adapter("b", SparseDeltaConfig(mask_init="near_zero", mask_density=0.05, init_weights=False))
+    peft_model.base_model.set_adapter(["default", "b"])  # two active adapters: their deltas add
+    for name, param in peft_model.named_parameters():  # values that need gradients take the training path
+        param.requires_grad_("sparse_delta_values" in name)
+    training = peft_model(tokens).logits.float()
+    with torch.no_grad():
+        sparse = peft_model(tokens).logits.float()
+        with peft_model.disable_adapter():
+            base = peft_model(tokens).logits.float()
+    assert (training - base).abs().max() > 1e-3, "the adapters change the output"
+    tolerance = 1e-5 if dtype == torch.float32 else 2.0**-7 * float(training.abs().max())
+    torch.testing.assert_close(sparse, training, rtol=0, atol=tolerance)

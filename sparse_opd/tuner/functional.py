@@ -18,7 +18,7 @@ Backward needs ``dL/dv = G[idx]`` with the stored-layout weight gradient ``G = A
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -164,18 +164,50 @@ def sparse_delta_linear(x, weight, spec: DeltaSpec, values: list, indices: list)
     return SparseDeltaFunction.apply(x, weight, spec, *pairs)
 
 
-@torch.no_grad()
-def sparse_delta_matmul(x: torch.Tensor, spec: DeltaSpec, values: list, indices: list) -> torch.Tensor:
+@dataclass(frozen=True)
+class CsrPattern:
+    """The trained coordinates as the CSR pattern of the matrix that multiplies ``x`` (``delta`` for ``nn.Linear``,
+    ``delta^T`` for GPT-2's ``Conv1D``): int32 row starts and columns, and the order of the values in it."""
+
+    offsets: torch.Tensor
+    col: torch.Tensor
+    order: torch.Tensor | None  # None: the values are already in CSR order
+    key: tuple
+    _weights: dict = field(default_factory=dict, compare=False)
+
+    def weights(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The values in CSR order and ``dtype``, converted again only when they changed (`Tensor._version`)."""
+        key = (values.data_ptr(), values._version, dtype, values.device)
+        cached = self._weights.get(dtype)
+        if cached is None or cached[0] != key:
+            v = values.detach().to(dtype)
+            cached = self._weights[dtype] = (key, v[self.order] if self.order is not None else v)
+        return cached[1]
+
+    @staticmethod
+    def build(indices: torch.Tensor, spec: DeltaSpec, key: tuple) -> CsrPattern:
+        rows, cols = spec.shape
+        r, c = torch.div(indices, cols, rounding_mode="floor"), indices % cols
+        if spec.transposed:  # y = x @ D: the matrix applied is D^T (cols x rows), ordered by its rows
+            order = torch.argsort(c * rows + r)
+            r, c, rows = c[order], r[order], cols
+        else:
+            order = None  # flat indices are sorted: row-major order is CSR order
+        offsets = torch.searchsorted(r, torch.arange(rows, device=r.device))
+        return CsrPattern(offsets.to(torch.int32), c.to(torch.int32), order, key)
+
+
+def sparse_delta_matmul(x: torch.Tensor, values: list, patterns: list[CsrPattern]) -> torch.Tensor:
     """``x @ (sum_j D_j)_lin^T`` from the k trained entries alone, for forwards without gradients (generation,
-    evaluation, teacher passes): ``T * k`` multiply-adds, accumulated in float32, and no dense delta. The transient
-    is ``T x (one adapter's k)`` entries; `SparseDeltaLayer` takes this path only while that fits ``block_elements``.
-    """
-    rows, cols = spec.shape
+    evaluation, teacher passes): a weighted gather-sum per output row (``embedding_bag`` over ``x^T``), ``T * k``
+    multiply-adds in ``x``'s dtype (as the training forward, which scatters the values into a delta of that dtype),
+    no dense delta. `SparseDeltaLayer` keeps each adapter's `CsrPattern` cached; it calls this only where no gradient
+    is needed (the values are detached here)."""
     x2 = x.reshape(-1, x.shape[-1])
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = torch.zeros(x2.shape[0], rows if not spec.transposed else cols, dtype=acc, device=x.device)
-    for v, idx in zip(values, indices):
-        r, c = torch.div(idx, cols, rounding_mode="floor"), idx % cols
-        source, target = (r, c) if spec.transposed else (c, r)  # Linear: y_r += v x_c; Conv1D: y_c += v x_r
-        out.index_add_(1, target, x2[:, source].to(acc) * v.to(device=x.device, dtype=acc))
-    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+    table = x2.T.contiguous()  # one row per input feature: each trained entry reads T contiguous values
+    out = None
+    for v, pattern in zip(values, patterns):
+        product = F.embedding_bag(pattern.col, table, pattern.offsets, mode="sum",
+                                  per_sample_weights=pattern.weights(v, x.dtype))
+        out = product if out is None else out + product
+    return out.T.contiguous().reshape(*x.shape[:-1], out.shape[0])  # a contiguous copy adds faster than a strided view

@@ -22,7 +22,14 @@ from ..masks.encoding import (
     validate_flat_indices,
 )
 from .config import VALUE_DTYPES
-from .functional import DeltaSpec, merged_entries, scatter_delta, sparse_delta_linear, sparse_delta_matmul
+from .functional import (
+    CsrPattern,
+    DeltaSpec,
+    merged_entries,
+    scatter_delta,
+    sparse_delta_linear,
+    sparse_delta_matmul,
+)
 from .index_streams import IndexStreamDict
 
 
@@ -195,9 +202,20 @@ class SparseDeltaLayer(BaseTunerLayer):
         if torch.is_grad_enabled() and (x.requires_grad or any(self.sparse_delta_values[a].requires_grad
                                                              for a in adapters)):
             return False
-        tokens = x.numel() // max(1, x.shape[-1])
-        return all(tokens * self.sparse_delta_values[a].numel() <= self.delta_specs[a].block_elements
+        tokens = x.numel() // x.shape[-1]
+        return all(tokens * self._csr_pattern(a).col.numel() <= self.delta_specs[a].block_elements
                    for a in adapters)
+
+    def _csr_pattern(self, adapter: str) -> CsrPattern:
+        """The adapter's coordinates as a CSR pattern (int32: 4 bytes per coordinate and per row), built at the first
+        gradient-free forward and rebuilt when the coordinates or their device change."""
+        indices = self.sparse_delta_indices[adapter]
+        key = (indices.data_ptr(), indices.numel(), indices.device)
+        cache = self.__dict__.setdefault("_csr_patterns", {})
+        pattern = cache.get(adapter)
+        if pattern is None or pattern.key != key:
+            pattern = cache[adapter] = CsrPattern.build(indices, self.delta_specs[adapter], key)
+        return pattern
 
     def _delta_output(self, x, weight, adapters):
         spec = self.delta_specs[adapters[0]]
@@ -217,13 +235,14 @@ class SparseDeltaLayer(BaseTunerLayer):
         adapters = self._active()
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
-        self._check_loaded(adapters)
-        base = self.get_base_layer()
-        if self._sparse_path(x, adapters):
+        if self._placeholder_adapters or self._unverified_adapters:
+            self._check_loaded(adapters)
+        if self._sparse_path(x, adapters):  # generation and evaluation: kept lean, it runs per layer per token
             result = self.base_layer(x, *args, **kwargs)
             values = [self.sparse_delta_values[a] for a in adapters]
-            indices = [self.sparse_delta_indices[a] for a in adapters]
-            return result + sparse_delta_matmul(x.to(result.dtype), self.delta_specs[adapters[0]], values, indices)
+            patterns = [self._csr_pattern(a) for a in adapters]
+            return result.add_(sparse_delta_matmul(x.to(result.dtype), values, patterns))
+        base = self.get_base_layer()
         if self._can_compose(x, adapters):
             out = self._delta_output(x, base.weight, adapters)
             return out if base.bias is None else out + base.bias
@@ -296,6 +315,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it before deleting")
         super().delete_adapter(adapter_name)
+        self.__dict__.get("_csr_patterns", {}).pop(adapter_name, None)
         self._placeholder_adapters.discard(adapter_name)
         self._unverified_adapters.discard(adapter_name)
 

@@ -56,20 +56,22 @@ def iter_merged_named_weights(
     model: nn.Module,
     gather: Callable[[list[torch.Tensor]], contextlib.AbstractContextManager] | None = None,
     rename: Callable[[str], str] | None = None,
+    only: set[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """`(name, tensor)` of a sparse-delta `PeftModel` as a plain model with the delta merged, one tensor at a time.
 
     Names drop PEFT's `base_model.model.` prefix and `.base_layer`; the sparse-delta values themselves are not
     yielded. Sharded parameters (ZeRO-3, FSDP2) are gathered one at a time (`sparse_opd.distributed.gathered`, or
     ``gather(params)`` if given, entered around each read: a collective, so every rank must iterate); `rename` maps a
-    plain name to the engine's (e.g. TRL's `_fix_param_name_to_vllm`).
+    plain name to the engine's (e.g. TRL's `_fix_param_name_to_vllm`); ``only`` restricts the walk to these parameter
+    names (as in ``model.named_parameters()``).
     """
     owners: dict[str, SparseDeltaLayer] = {}
     for name, module in model.named_modules():
         if isinstance(module, SparseDeltaLayer):
             owners[f"{name}.base_layer.weight"] = module
     for name, param in model.named_parameters():
-        if "sparse_delta_" in name:
+        if "sparse_delta_" in name or (only is not None and name not in only):
             continue
         plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
         plain = rename(plain) if rename is not None else plain
