@@ -277,3 +277,18 @@ def test_the_gradient_free_sparse_path_equals_the_training_forward(kind, tokens,
     assert (training - base).abs().max() > 1e-3, "the adapters change the output"
     tolerance = 1e-5 if dtype == torch.float32 else 2.0**-7 * float(training.abs().max())
     torch.testing.assert_close(sparse, training, rtol=0, atol=tolerance)
+
+
+def test_the_gradient_free_path_follows_in_place_optimizer_updates(tokens):
+    model = get_peft_model(make_model("llama", dtype=torch.bfloat16),
+                           SparseDeltaConfig(mask_init="random", mask_density=0.1, init_weights=False))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
+    with torch.no_grad():
+        before = model(tokens).logits.float()
+    model(tokens, labels=tokens).loss.backward()
+    optimizer.step()  # in place, without bumping a version counter the path could have cached on
+    with torch.no_grad():
+        after = model(tokens).logits.float()
+    training = model(tokens).logits.float().detach()
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, training, rtol=0, atol=2.0**-7 * float(training.abs().max()))

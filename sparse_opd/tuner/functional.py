@@ -18,7 +18,7 @@ Backward needs ``dL/dv = G[idx]`` with the stored-layout weight gradient ``G = A
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -173,16 +173,11 @@ class CsrPattern:
     col: torch.Tensor
     order: torch.Tensor | None  # None: the values are already in CSR order
     key: tuple
-    _weights: dict = field(default_factory=dict, compare=False)
-
     def weights(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The values in CSR order and ``dtype``, converted again only when they changed (`Tensor._version`)."""
-        key = (values.data_ptr(), values._version, dtype, values.device)
-        cached = self._weights.get(dtype)
-        if cached is None or cached[0] != key:
-            v = values.detach().to(dtype)
-            cached = self._weights[dtype] = (key, v[self.order] if self.order is not None else v)
-        return cached[1]
+        """The values in CSR order and ``dtype`` (converted at every call: optimizers update them in place without
+        always bumping a version counter, so no cached copy can be trusted)."""
+        v = values.detach().to(dtype)
+        return v[self.order] if self.order is not None else v
 
     @staticmethod
     def build(indices: torch.Tensor, spec: DeltaSpec, key: tuple) -> CsrPattern:
