@@ -11,7 +11,7 @@ rerun). Its stage says what it does:
 
 - `base`: held-out accuracy of the student and of the teacher;
 - `full`: full-parameter OPD (AdamW), the merged checkpoint saved for the analyzer and the diff mask;
-- `analyze`: the analyzer on full OPD's delta (all precision modes, nulls), `OUT/analysis/report.json`, `report.md`
+- `analyze`: the analyzer on full OPD's delta (all precision modes, nulls), `OUT/analysis/report.json`, `report.md` and the plots
   and plots;
 - `masks`: the diff mask (coordinates whose bf16 value changed), per-module matched random and near-zero masks;
 - `overlap`: the overlap of the two seeds' changed coordinates against random expectations;
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
-import math
 import os
 import resource
 import subprocess
@@ -119,10 +118,9 @@ def opd_args(out_dir, seed, learning_rate, **overrides):
 
 def score(model, tokenizer, test, prompt_column="prompt"):
     from sparse_opd.tasks import evaluate_model
-    from sparse_opd.tasks.answers import is_correct
 
     result = evaluate_model(model, tokenizer, test, prompt_column=prompt_column, max_new_tokens=EVAL_TOKENS)
-    correct = [int(is_correct(c, a)) for c, a in zip(result.completions, test["answer"])]
+    correct = [int(c) for c in result.correct]
     return {
         "accuracy": result.accuracy,
         "stderr": result.stderr,
@@ -346,11 +344,9 @@ def stage_all(out):
 # ---------------------------------------------------------------------------------------------------------- report
 def paired(a, b):
     """Difference of accuracies b - a on the same problems, with its paired standard error."""
-    d = [y - x for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
-    return mean, math.sqrt(var / n)
+    from sparse_opd.tasks import paired_difference
+
+    return paired_difference(a, b)
 
 
 def stage_report(out):
@@ -362,7 +358,7 @@ def stage_report(out):
     full_gain = None
     if done(out, "full_seed0"):
         full_gain = paired(before, load_result(out, "full_seed0")["correct"])[0]
-    print(f"| run | trainable | accuracy | gain vs base (paired SE) | share of full OPD gain | train s | peak RSS MiB |")
+    print("| run | trainable | accuracy | gain vs base (paired SE) | share of full OPD gain | train s | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows:
         gain, se = paired(before, r["correct"])

@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the job parses its own flags (TRL's parser, --config files)
+        from .train_cli import main as train
+
+        return train(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

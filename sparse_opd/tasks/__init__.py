@@ -3,7 +3,14 @@
 from .answers import ExtractedAnswer, extract_answer, is_correct, reference_value
 from .arithmetic import LEVELS, Problem, generate_problems, make_problem
 from .data import arithmetic_dataset, prepare_qa_dataset
-from .evaluation import EvalResult, evaluate_model, generate_completions, load_metric, metric_path
+from .evaluation import (
+    EvalResult,
+    evaluate_model,
+    generate_completions,
+    load_metric,
+    metric_path,
+    paired_difference,
+)
 
 __all__ = [
     "LEVELS",
@@ -18,6 +25,7 @@ __all__ = [
     "is_correct",
     "load_metric",
     "make_problem",
+    "paired_difference",
     "metric_path",
     "prepare_qa_dataset",
     "reference_value",

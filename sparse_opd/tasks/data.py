@@ -17,7 +17,7 @@ import random
 
 from datasets import Dataset
 
-from .answers import reference_value
+from .answers import extract_answer, reference_value
 from .arithmetic import SPLIT_SEEDS, Problem, generate_problems, privileged_message, user_message
 
 TRAIN_POOL = 10_000
@@ -91,41 +91,111 @@ def _row(problem: Problem, teacher_context: str, examples, system_prompt) -> dic
     }
 
 
+UNPARSEABLE = ("skip", "error")
+
+
+def _answer_of(raw):
+    """``(final answer as a string, worked solution or "")`` of an answer cell, or None if no number is in it.
+
+    A cell may hold a bare number (``42``, ``"42"``), a GSM8K-style solution ending ``#### 42``, or a worked solution
+    that states its answer (``... Answer: 42``, ``the answer is 42``, ``\\boxed{42}``)."""
+    from .answers import parse_number
+
+    if isinstance(raw, bool) or raw is None:
+        return None
+    if isinstance(raw, (int, float)):
+        value = reference_value(raw)
+        worked = ""
+    elif not isinstance(raw, str):
+        return None
+    elif "####" in raw:
+        value = parse_number(raw.rsplit("####", 1)[1].strip())
+        worked = raw.rsplit("####", 1)[0].strip()
+    elif parse_number(raw.strip()) is not None:
+        value, worked = parse_number(raw.strip()), ""
+    else:
+        found = extract_answer(raw)
+        value, worked = (found.value, raw.strip()) if found.well_formatted else (None, "")
+    if value is None:
+        return None
+    return (str(value.numerator) if value.denominator == 1 else str(float(value))), worked
+
+
 def prepare_qa_dataset(
     dataset: Dataset,
     question_column: str = "question",
     answer_column: str = "answer",
     teacher_context: str = "solution",
     system_prompt: str | None = None,
+    solution_column: str | None = None,
+    on_unparseable: str = "skip",
+    name: str = "the dataset",
 ) -> Dataset:
-    """Bring a question/answer dataset (e.g. GSM8K) into the trainer's format.
+    """Bring a question/answer dataset (e.g. GSM8K, or a user's own rows) into the trainer's format.
 
-    The answer column may hold a number or a solution ending in `#### <number>` (GSM8K); the number becomes
-    `answer`, and the text before `####` (if any) becomes the worked `solution` shown to a context-distillation
-    teacher. With `teacher_context="solution"` a row without a worked solution is shown its final answer instead.
+    Each answer cell may be a bare number, a GSM8K-style solution ending in `#### <number>`, or a worked solution
+    that states its answer (`Answer: <number>`, `the answer is <number>`, `\\boxed{<number>}`); `solution_column`
+    may hold the worked solution separately. The number becomes `answer`; the worked solution, if any, becomes
+    `solution`, which a context-distillation teacher (`teacher_context="solution"`) is shown. A row with only a final
+    answer shows the teacher that answer alone (`Answer: <number>`). Rows whose answer holds no number are skipped
+    and counted in `dataset.info.description` (`on_unparseable="skip"`) or refused (`"error"`).
     """
-    for column in (question_column, answer_column):
-        if column not in dataset.column_names:
+    if len(dataset) == 0:
+        raise ValueError(f"{name} has no rows")
+    for column in (question_column, answer_column, solution_column):
+        if column is not None and column not in dataset.column_names:
             raise ValueError(
-                f"column {column!r} is not in the dataset (columns: {dataset.column_names}); pass the right "
-                "`question_column` / `answer_column`"
+                f"{name} has no column {column!r} (columns: {dataset.column_names}); pass the right "
+                "--question_column / --answer_column / --solution_column"
             )
     if teacher_context not in ("solution", "none"):
         raise ValueError(
-            f"teacher_context {teacher_context!r} is not available for a generic dataset; use 'solution' or 'none'"
+            f"teacher_context {teacher_context!r} is not available for a question/answer dataset; use 'solution' or "
+            "'none'"
         )
+    if on_unparseable not in UNPARSEABLE:
+        raise ValueError(f"on_unparseable must be one of {UNPARSEABLE}, got {on_unparseable!r}")
+    parsed = [_answer_of(raw) for raw in dataset[answer_column]]
+    bad = [i for i, p in enumerate(parsed) if p is None]
+    if bad and (on_unparseable == "error" or len(bad) == len(parsed)):
+        example = dataset[bad[0]][answer_column]
+        raise ValueError(
+            f"{name}: {len(bad)} of {len(parsed)} rows have an answer with no number (row {bad[0]}: {example!r}); "
+            "answers must be a number, end in '#### <number>' or state 'Answer: <number>'"
+        )
+    keep = [i for i, p in enumerate(parsed) if p is not None]
 
-    def convert(example):
-        raw = example[answer_column]
-        value = reference_value(raw)
-        answer = str(value.numerator) if value.denominator == 1 else str(float(value))
-        worked = raw.rsplit("####", 1)[0].strip() if isinstance(raw, str) and "####" in raw else ""
-        solution = (worked + "\n" if worked else "") + f"Answer: {answer}"
+    def convert(example, answer, worked):
+        if solution_column is not None and example[solution_column]:
+            worked = str(example[solution_column]).strip()
+        stated = worked and extract_answer(worked).well_formatted
+        solution = worked if stated else (worked + "\n" if worked else "") + f"Answer: {answer}"
         question = example[question_column]
-        row = {"prompt": _messages(user_message(question), system_prompt), "answer": answer, "solution": solution}
+        row = {"prompt": _messages(user_message(question), system_prompt), "answer": answer, "solution": solution,
+               "worked_solution": bool(worked)}
         if teacher_context == "solution":
             row["teacher_prompt"] = _messages(privileged_message(question, solution, "solution"), system_prompt)
         return row
 
-    keep = {"prompt", "answer", "solution", "teacher_prompt"}
-    return dataset.map(convert, remove_columns=[c for c in dataset.column_names if c not in keep])
+    rows = [convert(dataset[i], *parsed[i]) for i in keep]
+    out = Dataset.from_list(rows)
+    out.info.description = f"{name}: {len(keep)} rows kept, {len(bad)} skipped (answer with no number)"
+    return out
+
+
+def load_qa_dataset(source: str, split: str = "train", config: str | None = None) -> Dataset:
+    """A split of a Hub dataset, or the rows of a local .json / .jsonl / .csv / .parquet file (split ignored)."""
+    import os
+
+    from datasets import load_dataset
+
+    if os.path.isfile(source):
+        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(source)[1])
+        if kind is None:
+            raise ValueError(f"{source}: unsupported file type; use .json, .jsonl, .csv or .parquet")
+        if os.path.getsize(source) == 0:
+            raise ValueError(f"{source} is empty")
+        return load_dataset(kind, data_files=source, split="train")
+    if source.endswith((".json", ".jsonl", ".csv", ".parquet")) or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"dataset file {source} does not exist")
+    return load_dataset(source, config, split=split)

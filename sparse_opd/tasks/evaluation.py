@@ -36,17 +36,33 @@ class EvalResult:
     num_examples: int
     seconds: float
     completions: list[str] = field(default_factory=list, repr=False)
+    correct: list[bool] = field(default_factory=list, repr=False)
 
     @property
     def stderr(self) -> float:
         p, n = self.accuracy, max(self.num_examples, 1)
         return math.sqrt(p * (1 - p) / n)
 
+    def gain_over(self, other: EvalResult) -> tuple[float, float]:
+        """``(accuracy - other.accuracy, paired standard error)`` on the same problems in the same order."""
+        return paired_difference(other.correct, self.correct)
+
     def __str__(self) -> str:
         return (
             f"accuracy {100 * self.accuracy:.1f}% +/- {100 * self.stderr:.1f} (n={self.num_examples}), "
             f"format errors {100 * self.format_error_rate:.1f}%"
         )
+
+
+def paired_difference(before: list, after: list) -> tuple[float, float]:
+    """Mean of ``after - before`` over paired per-problem scores (0/1), with its standard error."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired scores need the same, non-zero number of problems; got {len(before)} and "
+                         f"{len(after)}")
+    d = [float(b) - float(a) for a, b in zip(before, after)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
+    return mean, math.sqrt(var / len(d))
 
 
 @torch.no_grad()
@@ -57,6 +73,7 @@ def generate_completions(
     batch_size: int = 32,
     max_new_tokens: int = 96,
     chat_template_kwargs: dict | None = None,
+    progress: str | None = None,
 ) -> list[str]:
     """Greedy completions for conversational (list of messages) or plain-text prompts, in the order given.
 
@@ -85,7 +102,12 @@ def generate_completions(
     with contextlib.ExitStack() as stack:
         stack.enter_context(merged_sparse_delta(model))
         stack.callback(model.train, was_training)
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=progress, unit="batch", dynamic_ncols=True)
+        for start in starts:
             batch = order[start : start + batch_size]
             width = max(len(encoded[i]) for i in batch)
             ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -118,8 +140,10 @@ def evaluate_model(
     batch_size: int = 32,
     max_new_tokens: int = 96,
     metric=None,
+    progress: str | None = None,
 ) -> EvalResult:
-    """Generate greedily for every row of `dataset` and score with the `math_accuracy` metric.
+    """Generate greedily for every row of `dataset` and score with the `math_accuracy` metric (`progress`: a label
+    for a progress bar over the batches).
 
     Under `torch.distributed`, each rank generates for its contiguous shard and the completions are gathered, so
     every rank returns the same result for the whole dataset.
@@ -131,17 +155,23 @@ def evaluate_model(
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
     shard = dataset.shard(world, rank, contiguous=True) if world > 1 else dataset
-    completions = generate_completions(model, tokenizer, shard[prompt_column], batch_size, max_new_tokens)
+    if progress and rank != 0:
+        progress = None  # one bar, on the main process
+    completions = generate_completions(model, tokenizer, shard[prompt_column], batch_size, max_new_tokens,
+                                       progress=progress)
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, completions)
         completions = [c for part in gathered for c in part]
+    per_example = {"per_example": True} if metric is None else {}  # a user's metric may not take the flag
     metric = metric if metric is not None else load_metric()
-    scores = metric.compute(predictions=completions, references=[str(a) for a in dataset[answer_column]])
+    scores = metric.compute(predictions=completions, references=[str(a) for a in dataset[answer_column]],
+                            **per_example)
     return EvalResult(
         accuracy=scores["accuracy"],
         format_error_rate=scores["format_error_rate"],
         num_examples=scores["num_examples"],
         seconds=time.perf_counter() - start,
         completions=completions,
+        correct=scores.get("correct", []),
     )

@@ -11,6 +11,7 @@ from accelerate.utils import DistributedType
 
 from ..masks import ProbeCallback, SparseMask, near_zero_mask, random_mask
 from ..tuner import SparseDeltaConfig
+from .progress import PhaseProgress
 
 
 def peft_config_from_strategy(model, teacher_model, args, train_dataset, processing_class):
@@ -73,14 +74,17 @@ def probe_mask(model, teacher_model, args, train_dataset, processing_class) -> S
     probe = ProbeCallback(statistic=args.mask_probe_statistic, target_modules=args.mask_target_modules)
     try:
         with tempfile.TemporaryDirectory(prefix="sparse-opd-probe-") as tmp:
-            OPDTrainer(
+            progress = [] if args.disable_tqdm else [PhaseProgress("discovery")]
+            trainer = OPDTrainer(
                 model=model,
                 teacher_model=teacher_model,
                 args=_probe_args(args, tmp),
                 train_dataset=train_dataset,
                 processing_class=processing_class,
-                callbacks=[probe],
-            ).train()
+                callbacks=[probe, *progress],
+            )
+            PhaseProgress.replace_default(trainer)  # the probe's own log lines are not the user's
+            trainer.train()
         return probe.to_mask(density=args.mask_density, block_weights=args.mask_block_weights)
     finally:
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:

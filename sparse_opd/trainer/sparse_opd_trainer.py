@@ -10,7 +10,7 @@ What it changes in `trl.DistillationTrainer`, and where:
   rollout/training log-probability mismatch is measured (`RolloutCheckMixin`).
 - `_generate_single_turn`: generates from exactly the trained policy (fp32 layers merged bit for bit, others through
   the sparse path), recording the sampled tokens' log-probabilities; with vLLM, keeps vLLM's (`RolloutCheckMixin`).
-- `log`: adds the weight-space telemetry; `create_model_card`: adds loading and training notes to TRL's card.
+- `log`: adds the weight-space telemetry; `create_model_card`: the adapter's own card (loading, training, results).
 Generation, the generalized JSD loss, gradient accumulation, checkpoints, resume, hub pushes and distributed training
 are `DistillationTrainer`'s own.
 """
@@ -24,9 +24,9 @@ from torch import nn
 from trl import DistillationTrainer
 
 from ..tuner import SparseDeltaConfig, SparseDeltaLayer, merged_sparse_delta
-from ..tuner.model_card import add_loading_section
 from .config import SparseOPDConfig
 from .mask_strategies import peft_config_from_strategy
+from .model_card import opd_model_card
 from .privileged import PrivilegedTeacherMixin, check_teacher_context, load_student
 from .rollout_check import RolloutCheckMixin
 from .teachers import BaseWeightsTeacher
@@ -146,6 +146,8 @@ class SparseOPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTr
         if not is_sparse_delta_model(self.model):
             raise ValueError("the student has no sparse-delta layer after setup; check the mask / peft_config")
         self.adapter_name = self.model.active_adapter
+        # what the card states beyond the trainer's own arguments: task, teacher, results ({label: EvalResult})
+        self.model_card_details: dict = {}
         if self.teacher_model is None:
             # Not prepared by the accelerator: it has no parameters of its own and runs the (prepared) student.
             self.teacher_model = BaseWeightsTeacher(self.model)
@@ -182,37 +184,27 @@ class SparseOPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTr
                 norms.clear()
         super().log(logs, start_time)
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's card, plus how to load a sparse-delta adapter and how this one was trained."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """Write the adapter's card to ``output_dir/README.md``: how to load it, the task, teacher, mask and steps
+        it was trained with, and (when set in `model_card_details["results"]`) its scores before and after."""
         if not self.is_world_process_zero():
             return
-        config = self.model.peft_config[self.adapter_name]
-        add_loading_section(self.args.output_dir, config)
-        teacher = (
-            f"the student's own base weights, shown the privileged `{self.args.teacher_prompt_column}` context"
-            if isinstance(self.teacher_model, BaseWeightsTeacher)
-            else f"`{getattr(self._teacher_unwrapped_config(), '_name_or_path', None) or 'a separate model'}`"
-        )
-        counts = config.module_counts or {}
-        section = (
-            "\n\n## Sparse on-policy distillation\n\n"
-            f"- trained coordinates: {sum(counts.values()):,} in {len(counts)} weight matrices "
-            f"(mask: {self.args.mask_strategy or 'given'}"
-            + (
-                f", density {self.args.mask_density}"
-                if self.args.mask_strategy in ("probe", "near_zero", "random")
-                else ""
-            )
-            + ")\n"
-            f"- teacher: {teacher}\n"
-            f"- divergence: generalized JSD with beta={self.args.beta} (0 = forward KL, 1 = reverse KL), "
-            f"temperature {self.args.temperature}\n"
-            f"- steps: {self.state.global_step}, learning rate {self.args.learning_rate}\n"
-        )
-        path = os.path.join(self.args.output_dir, "README.md")
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(section)
+        details = {"teacher": self._teacher_description(), **self.model_card_details}
+        if dataset_name is not None:
+            details.setdefault("task", dataset_name)
+        name = model_name or (self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir)))
+        card = opd_model_card(self, name.split("/")[-1], tags=tags, **details)
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+
+    def _teacher_description(self) -> str:
+        if isinstance(self.teacher_model, BaseWeightsTeacher):
+            return f"the student's own base weights, shown the privileged `{self.args.teacher_prompt_column}` context"
+        name = getattr(self._teacher_unwrapped_config(), "_name_or_path", None) or "a separate model"
+        seen = (f"the privileged `{self.args.teacher_prompt_column}` context" if self.args.teacher_privileged_context
+                else "the student's prompt")
+        return f"`{name}`, shown {seen}"
 
     def _teacher_unwrapped_config(self):
         return getattr(self.accelerator.unwrap_model(self.teacher_model), "config", None)

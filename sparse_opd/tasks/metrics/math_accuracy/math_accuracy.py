@@ -21,6 +21,7 @@ Returns:
     accuracy (`float`): fraction of completions whose extracted answer equals the reference.
     format_error_rate (`float`): fraction of completions without an `Answer: <number>`.
     num_examples (`int`): number of completions scored.
+    correct (`list` of `bool`, with `per_example=True`): whether each completion is right.
 Examples:
     >>> metric = evaluate.load(sparse_opd.tasks.metric_path())
     >>> metric.compute(predictions=["2 + 3 = 5\\nAnswer: 5", "I think 7"], references=["5", "8"])
@@ -42,13 +43,16 @@ class MathAccuracy(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, per_example=False):
         if len(predictions) == 0:
             raise ValueError("no predictions to score; pass at least one completion")
-        correct = format_errors = 0
+        correct, format_errors = [], 0
         for prediction, reference in zip(predictions, references):
             extracted = extract_answer(prediction)
-            correct += extracted.value is not None and extracted.value == reference_value(reference)
+            correct.append(extracted.value is not None and extracted.value == reference_value(reference))
             format_errors += not extracted.well_formatted
         n = len(predictions)
-        return {"accuracy": correct / n, "format_error_rate": format_errors / n, "num_examples": n}
+        scores = {"accuracy": sum(correct) / n, "format_error_rate": format_errors / n, "num_examples": n}
+        if per_example:
+            scores["correct"] = correct
+        return scores

