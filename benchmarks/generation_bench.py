@@ -25,11 +25,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tuner_bench import TARGETS, load_model, lora_rank_for, target_shapes  # noqa: E402
+from tuner_bench import TARGETS, load_model, lora_rank_for, target_shapes
 
 
 def build(model_name: str, method: str, dtype):
-    import torch
     from peft import LoraConfig, ShiraConfig, get_peft_model
 
     from sparse_opd import SparseDeltaConfig

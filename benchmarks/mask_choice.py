@@ -67,7 +67,7 @@ def main() -> None:
     argv = [*preset, "--num_eval", str(cli.num_eval), "--analyze", "false", *cli.job_flags]
     with job.quiet(argv):
         args, config = job.parse_args(argv)
-        job.share_cores(config)
+        job.prepare_cpu_run(config)
         student, tokenizer = job.load_student(args, config)
         _, test = job.load_data(args)
         base_path = out / "base.json"

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 import os
 import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 

@@ -30,7 +30,7 @@ def main(argv=None):
     # library warnings and logs below ERROR stay out of the output, and bad input ends in one line, unless --verbose
     with job.quiet(argv) as output, job.errors_in_one_line("opd_math.py", output.verbose):
         args, config = job.parse_args(argv)
-        job.share_cores(config)
+        job.prepare_cpu_run(config)
 
         # 1. The student, the teacher (None: the student's base weights in the privileged context) and the data
         student, tokenizer = job.load_student(args, config)

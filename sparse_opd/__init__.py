@@ -18,8 +18,8 @@ class _QuietOptionalKernel(logging.Filter):
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_QuietOptionalKernel())
 
-from .masks import SparseMask  # noqa: E402
-from .tuner import SparseDeltaConfig, SparseDeltaLayer, SparseDeltaModel, adapter_mask  # noqa: E402
+from .masks import SparseMask
+from .tuner import SparseDeltaConfig, SparseDeltaLayer, SparseDeltaModel, adapter_mask
 
 __version__ = "0.1.0"
 

@@ -329,13 +329,22 @@ def summary(trainer, job: JobArguments, results: dict, started: float) -> str:
     return "\n".join(lines)
 
 
-def share_cores(config) -> None:
-    """`accelerate launch` pins every process to one thread; on a CPU run share the cores out instead."""
+def prepare_cpu_run(config) -> None:
+    """On a CPU: share the cores out between the processes (`accelerate launch` pins each to one thread), and keep
+    FSDP when accelerate was launched with an FSDP config (accelerate turns FSDP into plain DDP under `use_cpu`,
+    though FSDP2 runs on the CPU under gloo: this is what lets examples/accelerate_configs/fsdp2.yaml run here)."""
     import torch
     from accelerate import PartialState
 
-    if config.use_cpu or not torch.cuda.is_available():
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // PartialState().num_processes))
+    if not (config.use_cpu or not torch.cuda.is_available()):
+        return
+    state = PartialState()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // state.num_processes))
+    if config.use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and state.num_processes > 1:
+        from accelerate.utils import DistributedType
+
+        _ = config.device  # let accelerate settle the state first, then restore the FSDP request
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
 def evaluate_teacher(student, teacher, tokenizer, test, job: JobArguments, config):
@@ -360,7 +369,7 @@ def run(job: JobArguments, config) -> dict:
     """The steps of `examples/opd_math.py`: load, evaluate before, discover and distill, evaluate after, save;
     returns the `EvalResult`s by label."""
     started = time.perf_counter()
-    share_cores(config)
+    prepare_cpu_run(config)
     student, tokenizer = load_student(job, config)
     teacher = load_teacher(config)
     train, test = load_data(job)

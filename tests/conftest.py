@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from tiny_models import MODEL_KINDS, VOCAB  # noqa: E402
+from tiny_models import MODEL_KINDS, VOCAB
 
 
 @pytest.fixture(params=MODEL_KINDS)

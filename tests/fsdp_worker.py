@@ -9,9 +9,9 @@ from peft import get_peft_model
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_models import VOCAB, make_model  # noqa: E402
+from tiny_models import VOCAB, make_model
 
-from sparse_opd import SparseDeltaConfig  # noqa: E402
+from sparse_opd import SparseDeltaConfig
 
 
 def main(out_dir: str) -> None:

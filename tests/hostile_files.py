@@ -206,10 +206,10 @@ _GOOD: list[Path] = []  # (sparse-delta adapter dir, LoRA adapter dir), made by 
 def prepare(root: Path):
     """A good sparse-delta adapter and a LoRA adapter of the same tiny model under ``root``."""
     from peft import LoraConfig, get_peft_model
+    from tiny_models import make_model
 
     from sparse_opd import SparseDeltaConfig
     from sparse_opd.masks import random_mask
-    from tiny_models import make_model
 
     model = make_model("llama")
     peft_model = get_peft_model(model, SparseDeltaConfig(mask=random_mask(model, density=0.1), init_weights=False))
@@ -222,7 +222,6 @@ def run_adapter_case(name: str, damage, root: Path, how: str) -> Outcome:
     """Load a damaged copy with ``how``: "from_pretrained" (a fresh model) or "load_adapter" (over an existing
     adapter of another name, which must survive untouched)."""
     from peft import PeftModel
-
     from tiny_models import make_model
 
     folder = Path(tempfile.mkdtemp(dir=root))
@@ -272,7 +271,8 @@ def _classify(case, result, peak, untouched, folder) -> Outcome:
 
 # ---------------------------------------------------------------------------------------------------- mask cases
 def mask_cases(seed: int = 0) -> dict:
-    from safetensors.torch import load_file as load, save_file as save
+    from safetensors.torch import load_file as load
+    from safetensors.torch import save_file as save
 
     rng = random.Random(seed)
 
@@ -283,7 +283,7 @@ def mask_cases(seed: int = 0) -> dict:
             save(t, path, metadata={"format": "sparse_opd.mask/1"})
         return apply
 
-    first = lambda t: sorted(k for k in t if k.endswith(".shape"))[0].removesuffix(".shape")  # noqa: E731
+    first = lambda t: sorted(k for k in t if k.endswith(".shape"))[0].removesuffix(".shape")
     cases = {
         "mask truncated to 50%": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
         "mask: one data bit flipped": lambda p: p.write_bytes(_flip_data(p.read_bytes(), rng)),
@@ -312,9 +312,10 @@ def _flip_data(b: bytes, rng: random.Random) -> bytes:
 
 
 def run_mask_case(name: str, damage, root: Path) -> Outcome:
+    from tiny_models import make_model
+
     from sparse_opd import SparseMask
     from sparse_opd.masks import random_mask
-    from tiny_models import make_model
 
     path = Path(tempfile.mkdtemp(dir=root)) / "mask.safetensors"
     mask = random_mask(make_model("llama"), density=0.05)

@@ -185,9 +185,7 @@ def _teacher_twice(trainer, batch) -> bool:
 @torch.no_grad()
 def _logits(trainer) -> torch.Tensor:
     """Logits of a fixed input under the trained model (gathered as needed; every rank takes part)."""
-    from sparse_opd.distributed import gathered
-
-    from sparse_opd.distributed import is_zero3_param
+    from sparse_opd.distributed import gathered, is_zero3_param
 
     model = trainer.model
     model.eval()

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny_models import make_model
 
 from sparse_opd import SparseDeltaConfig
 from sparse_opd.analysis import analyze_delta, analyze_matrix
 from sparse_opd.analysis import metrics as M
-from tiny_models import make_model
 
 GEN = torch.Generator().manual_seed(0)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from tiny_models import make_model
 
 from sparse_opd import SparseDeltaConfig
 from sparse_opd.cli import main
 from sparse_opd.masks import random_mask
-from tiny_models import make_model
 
 
 @pytest.fixture(scope="module")

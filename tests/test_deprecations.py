@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 from peft import get_peft_model
+from tiny_models import make_model
 
 from sparse_opd import SparseDeltaConfig, SparseMask, adapter_mask
 from sparse_opd.masks import random_mask
-from tiny_models import make_model
 
 
 def test_old_sparse_delta_config_names_map_to_the_new_ones():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import sys
 import warnings
 from pathlib import Path
 
@@ -268,7 +267,7 @@ def test_the_embedded_model_is_named_by_its_upstream_checkpoint(tiny_model_dir):
 
 
 def test_the_card_of_an_embedded_run_says_how_to_load_its_base(tiny_model_dir, tmp_path, monkeypatch):
-    import sparse_opd.embedded as embedded
+    from sparse_opd import embedded
 
     monkeypatch.setattr(embedded, "resolve_model_path", lambda name: tiny_model_dir if name == "embedded" else name)
     out_dir = tmp_path / "run"

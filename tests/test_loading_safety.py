@@ -10,10 +10,10 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny_models import make_model
 
 from sparse_opd import SparseDeltaConfig, SparseMask
 from sparse_opd.masks import random_mask
-from tiny_models import make_model
 
 
 def _trained(model, seed=0, scale=0.02):

@@ -6,11 +6,11 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from tiny_models import make_model
 from transformers import HfArgumentParser
 
 from sparse_opd import SparseDeltaConfig, adapter_mask
 from sparse_opd.masks import random_mask
-from tiny_models import make_model
 
 CONFIGS = {
     "default": dict(),

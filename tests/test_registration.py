@@ -41,7 +41,6 @@ def test_peft_config_dispatches_from_a_saved_config(tmp_path):
 def test_model_card_says_how_to_load_the_adapter(tmp_path):
     import torch
     from peft import get_peft_model
-
     from tiny_models import make_model
 
     model = make_model("llama")
@@ -59,7 +58,6 @@ def test_push_to_hub_uploads_weights_config_and_card_in_one_commit(tmp_path, mon
     import torch
     from huggingface_hub import HfApi
     from peft import get_peft_model
-
     from tiny_models import make_model
 
     calls = {}

@@ -6,11 +6,11 @@ import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import save_file
+from tiny_models import make_model
 
 from sparse_opd import SparseDeltaConfig, SparseMask, adapter_mask
 from sparse_opd.masks import ProbeCallback, near_zero_mask, random_mask
 from sparse_opd.masks.targets import checkpoint_targets, linear_modules
-from tiny_models import make_model
 
 _LLAMA = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
           "mlp.up_proj", "mlp.down_proj"}

@@ -440,8 +440,8 @@ def _stand_in_generation(server, mode="server"):
 
 
 def test_vllm_sync_sends_the_trained_policy_and_then_only_what_changed(tokenizer):
-    from sparse_opd.tuner import compose_merged_weight
     from sparse_opd.trainer.vllm_sync import install_vllm_sync
+    from sparse_opd.tuner import compose_merged_weight
 
     base = tiny_llama(tokenizer).to(torch.bfloat16)
     server = StandInVLLMServer(tiny_llama(tokenizer, seed=9).to(torch.bfloat16).state_dict())  # stale weights
@@ -471,8 +471,8 @@ def test_vllm_sync_sends_the_trained_policy_and_then_only_what_changed(tokenizer
 
 
 def test_sparse_payload_rebuilds_the_merged_weights_on_a_stand_in_server(tokenizer):
-    from sparse_opd.tuner import compose_merged_weight
     from sparse_opd.trainer.vllm_sync import SparseDeltaReceiver, payload_bytes, sparse_payload
+    from sparse_opd.tuner import compose_merged_weight
 
     model = get_peft_model(tiny_llama(tokenizer).to(torch.bfloat16),
                            SparseDeltaConfig(mask_init="random", mask_density=0.05, init_weights=False))

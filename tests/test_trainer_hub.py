@@ -274,7 +274,8 @@ ROUND_TRIP_LOAD = textwrap.dedent(
     from huggingface_hub import hf_hub_download
 
     card = open(hf_hub_download("me/tiny-sparse-opd", "README.md")).read()
-    snippet = re.search(r"```python\\n(.*?)```", card, re.S).group(1).replace("<this repo or folder>", "me/tiny-sparse-opd")
+    snippet = re.search(r"```python\\n(.*?)```", card, re.S).group(1)
+    snippet = snippet.replace("<this repo or folder>", "me/tiny-sparse-opd")
     scope = {}
     exec(snippet, scope)  # the card's own loading instructions, with only the repo id
     ids = torch.arange(3, 19).view(2, 8)

@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from tiny_models import make_model
 
 from sparse_opd import SparseDeltaConfig, SparseDeltaLayer, SparseMask
 from sparse_opd.masks import random_mask
-
-from tiny_models import make_model
 
 
 def _mask(model, density=0.1, seed=0):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny_models import make_model
 
 from sparse_opd import SparseDeltaConfig
 from sparse_opd.masks import random_mask
-from tiny_models import make_model
 
 UP = "model.layers.0.mlp.up_proj"
 

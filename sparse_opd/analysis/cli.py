@@ -113,7 +113,8 @@ null. Writes report.json, report.md and plots to --out; streams one weight at a 
     p.add_argument("--out", help="also write the Markdown table to this file")
     p.set_defaults(func=_compare)
 
-    p = add_parser(subparsers, "overlap", "Where two masks, or two deltas of the same base, select the same coordinates.",
+    p = add_parser(subparsers, "overlap",
+                   "Where two masks, or two deltas of the same base, select the same coordinates.",
                    """Jaccard index and coverages against their random expectation. Two mask files: `overlap A B`. Two
 deltas (checkpoints or PEFT adapter directories): `overlap A B --base BASE`, with a null of two random deltas of the
 same norms through the same precision (the chance level when visibility depends on W, as in bf16).""")

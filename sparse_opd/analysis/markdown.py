@@ -29,7 +29,8 @@ def report_markdown(report) -> str:
     lines += ["", "## Numerical rank ratio by threshold (median; rank = #{s_i > tau s_1} / min(m, n))", "",
               "| tau | delta | null |", "|---:|---:|---:|"]
     lines += [f"| {t} | {v['delta']:.3f} | {v['null']:.3f} |" for t, v in a["rank_ratio_by_tau"].items()]
-    lines += ["", "## Source-subspace alignment by subspace size (median energy share; r = max(1, int(fraction x min(m, n))), as in the paper's code)", "",
+    lines += ["", "## Source-subspace alignment by subspace size (median energy share; "
+              "r = max(1, int(fraction x min(m, n))), as in the paper's code)", "",
               "| fraction | both | null | random expectation | left | null | expected | right | null | expected |",
               "|---:|" + "---:|" * 9]
     for f, v in a["alignment_by_fraction"].items():

@@ -20,7 +20,8 @@ CHANGED_TAU = 1e-5  # the paper's "moved" threshold
 # per-matrix numbers whose median across matrices the report shows beside their nulls
 MEDIANS = (
     K.rank_ratio(), K.rank_ratio(prefix="null_"), "stable_rank", "null_stable_rank", "effective_rank",
-    "null_effective_rank", K.top_energy(16), K.top_energy(16, "null_"), K.align("both"), K.align("both", prefix="null_"),
+    "null_effective_rank", K.top_energy(16), K.top_energy(16, "null_"), K.align("both"),
+    K.align("both", prefix="null_"),
     K.align("both", prefix="expected_"), K.near_zero_lift("raw", 0.1), K.near_zero_lift("top10", 0.1),
     K.near_zero_lift("null_top10", 0.1), K.near_zero_lift("bf16", 0.1), K.near_zero_lift("null_bf16", 0.1),
 )
@@ -126,7 +127,8 @@ class DeltaReport:
             w_energy[g] += row["w_energy"]
             numel[g] += row["numel"]
         total, total_numel = sum(energy.values()) or 1.0, sum(numel.values()) or 1
-        # entry_share is the energy share an update of the same size on every entry would give: the null for energy_share
+        # entry_share is the energy share an update of the same size on every entry would give: the null for
+        # energy_share
         return {g: {"energy_share": energy[g] / total, "entry_share": numel[g] / total_numel,
                     "rel_norm": (energy[g] / w_energy[g]) ** 0.5 if w_energy[g] else 0.0,
                     "numel": numel[g]} for g in sorted(energy, key=lambda x: (len(x), x))}
@@ -136,8 +138,8 @@ class DeltaReport:
         if not self.rows:
             return {}
         numel = sum(r["numel"] for r in self.rows)
-        weighted = lambda key: sum(r[key] * r["numel"] for r in self.rows) / numel  # noqa: E731
-        med = lambda key: statistics.median(r[key] for r in self.rows)  # noqa: E731
+        weighted = lambda key: sum(r[key] * r["numel"] for r in self.rows) / numel
+        med = lambda key: statistics.median(r[key] for r in self.rows)
         return {
             "matrices": len(self.rows),
             "global_rel_norm": (sum(r["d_energy"] for r in self.rows) / sum(r["w_energy"] for r in self.rows)) ** 0.5,

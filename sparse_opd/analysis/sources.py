@@ -131,7 +131,8 @@ class AdapterDeltas(DeltaSource):
         self.base = _Weights(base)
         self.tensors = _adapter_tensors(str(adapter_dir))
         suffix = ".sparse_delta_values" if self.kind == "SPARSE_DELTA" else ".lora_A.weight"
-        self.modules = sorted(k[: -len(suffix)].removeprefix("base_model.model.") for k in self.tensors if k.endswith(suffix))
+        self.modules = sorted(k[: -len(suffix)].removeprefix("base_model.model.") for k in self.tensors
+                              if k.endswith(suffix))
         if not self.modules:
             raise ValueError(f"{adapter_dir}: the adapter file holds no {self.kind} weights")
 

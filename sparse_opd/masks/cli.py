@@ -108,7 +108,8 @@ def register(subparsers) -> None:
     p.add_argument("--target-modules", nargs="+", default=None,
                    help="module names or suffixes to compare (PEFT's matching); default: every linear layer but "
                         "the head")
-    p.add_argument("--json", metavar="PATH", nargs="?", const="-", help="also write the kept fraction per module as JSON ('-': stdout)")
+    p.add_argument("--json", metavar="PATH", nargs="?", const="-",
+                   help="also write the kept fraction per module as JSON ('-': stdout)")
     p.add_argument("--report", help=argparse.SUPPRESS)  # deprecated spelling of --json
     p.set_defaults(func=_diff)
 
@@ -128,7 +129,8 @@ def register(subparsers) -> None:
     p = add_parser(sub, "stats", "Density of a mask by module, module type, block or layer.")
     p.add_argument("mask", help="mask file (.safetensors written by SparseMask.save or `sparse-opd mask ...`)")
     p.add_argument("--by", choices=("module", "type", "block", "layer"), default="block", help="grouping")
-    p.add_argument("--json", metavar="PATH", nargs="?", const="-", help="also write the table as JSON ('-': stdout instead of the table)")
+    p.add_argument("--json", metavar="PATH", nargs="?", const="-",
+                   help="also write the table as JSON ('-': stdout instead of the table)")
     p.set_defaults(func=_stats)
 
     p = add_parser(sub, "combine", "The union or intersection of two masks of the same model.")

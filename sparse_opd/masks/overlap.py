@@ -10,7 +10,8 @@ For one module with ``n`` entries and masks ``A``, ``B`` (sizes ``a``, ``b``, in
 - Null (deltas only, `sparse_opd.analysis.delta_overlap`): uniform independence is the wrong chance level when
   visibility depends on the weight (through bf16 a small update shows only where |W| is small, for any two deltas).
   There the null is two independent isotropic random deltas with the same norms (each on a random support as large
-  as its delta's), put through the same precision pipeline: their sizes and intersection give ``null_jaccard``, and ``jaccard_vs_null`` is observed / null.
+  as its delta's), put through the same precision pipeline: their sizes and intersection give ``null_jaccard``, and
+  ``jaccard_vs_null`` is observed / null.
 
 Totals sum the counts over the modules both masks contain (expectations too, module by module).
 """

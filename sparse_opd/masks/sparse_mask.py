@@ -22,11 +22,9 @@ _SUFFIXES = (".weight",)
 def normalize_module_name(name: str) -> str:
     """Strip PEFT's wrapper prefix and a trailing ``.weight`` so that checkpoint keys and module names agree."""
     for prefix in _PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
+        name = name.removeprefix(prefix)
     for suffix in _SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+        name = name.removesuffix(suffix)
     # a layer already wrapped by PEFT keeps its weight in `<name>.base_layer`
     return name.removesuffix(".base_layer")
 
@@ -88,7 +86,8 @@ class SparseMask:
             if value.dtype == torch.bool:
                 if shapes is not None and key in shapes and tuple(shapes[key]) != tuple(value.shape):
                     raise ValueError(
-                        f"{key}: boolean mask has shape {tuple(value.shape)} but the weight has shape {tuple(shapes[key])}"
+                        f"{key}: boolean mask has shape {tuple(value.shape)} but the weight has shape "
+                        f"{tuple(shapes[key])}"
                     )
                 indices[name] = torch.nonzero(value.reshape(-1)).reshape(-1)
                 out_shapes[name] = tuple(value.shape)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 OUTPUT_HEADS = ("lm_head", "embed_out", "score", "classifier")
-_EMBEDDING_NAME = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings|shared)$")
+_EMBEDDING_NAME = re.compile(
+    r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|position_embeddings|shared)$")
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -25,8 +25,8 @@ __all__ = [
     "is_correct",
     "load_metric",
     "make_problem",
-    "paired_difference",
     "metric_path",
+    "paired_difference",
     "prepare_qa_dataset",
     "reference_value",
 ]

@@ -190,7 +190,8 @@ def load_qa_dataset(source: str, split: str = "train", config: str | None = None
     from datasets import load_dataset
 
     if os.path.isfile(source):
-        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(source)[1])
+        kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+        kind = kinds.get(os.path.splitext(source)[1])
         if kind is None:
             raise ValueError(f"{source}: unsupported file type; use .json, .jsonl, .csv or .parquet")
         if os.path.getsize(source) == 0:

@@ -1,4 +1,4 @@
-"""`SparseOPDConfig`: `DistillationConfig` plus the choice of trained coordinates, the teacher's context and telemetry."""
+"""`SparseOPDConfig`: `DistillationConfig` plus the trained coordinates' choice, the teacher's context, telemetry."""
 
 from __future__ import annotations
 

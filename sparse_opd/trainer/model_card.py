@@ -73,6 +73,10 @@ def opd_model_card(trainer, model_name: str, task: str | None = None, teacher: s
     if args.mask_strategy == "probe":
         mask += f", {args.mask_probe_steps} dense OPD steps at {args.mask_probe_learning_rate}"
     hub_id = None if os.path.isabs(base) or os.path.exists(base) or base == "the base model" else base
+    prompts = args.per_device_train_batch_size * args.gradient_accumulation_steps * trainer.accelerator.num_processes
+    steps = (f"{trainer.state.global_step} steps x {prompts} prompts, completions up to {args.max_completion_length} "
+             f"tokens, generalized JSD with beta={args.beta} (0 = forward KL, 1 = reverse KL), temperature "
+             f"{args.temperature}, AdamW learning rate {args.learning_rate}")
     data = ModelCardData(base_model=hub_id, library_name="peft",
                          pipeline_tag="text-generation", tags=sorted({*trainer._tag_names, "on-policy-distillation",
                                      *([tags] if isinstance(tags, str) else tags or [])}))
@@ -90,7 +94,7 @@ the base model's, bit for bit.
 - task: {task or "see the training data"}
 - teacher: {teacher or "see `teacher_model_name_or_path`"}
 - coordinates: {mask}
-- on-policy distillation: {trainer.state.global_step} steps x {args.per_device_train_batch_size * args.gradient_accumulation_steps * trainer.accelerator.num_processes} prompts, completions up to {args.max_completion_length} tokens, generalized JSD with beta={args.beta} (0 = forward KL, 1 = reverse KL), temperature {args.temperature}, AdamW learning rate {args.learning_rate}
+- on-policy distillation: {steps}
 
 {_results(results)}
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..masks import block_of
 from ..distributed import gathered, is_sharded, local_shard, sum_over_shards
+from ..masks import block_of
 from ..tuner import SparseDeltaLayer, sparse_delta_layers
 
 

@@ -4,11 +4,11 @@ from .registration import add_peft_type, register
 
 add_peft_type()
 
-from .adapters import adapter_mask, sparse_delta_layers  # noqa: E402
-from .config import SparseDeltaConfig  # noqa: E402
-from .layer import Linear, SparseDeltaLayer  # noqa: E402
-from .merging import compose_merged_weight, iter_merged_named_weights, merged_sparse_delta  # noqa: E402
-from .model import SparseDeltaModel  # noqa: E402
+from .adapters import adapter_mask, sparse_delta_layers
+from .config import SparseDeltaConfig
+from .layer import Linear, SparseDeltaLayer
+from .merging import compose_merged_weight, iter_merged_named_weights, merged_sparse_delta
+from .model import SparseDeltaModel
 
 register(SparseDeltaConfig, SparseDeltaModel)
 

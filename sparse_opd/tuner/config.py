@@ -7,7 +7,7 @@ import json
 import os
 import warnings
 from dataclasses import InitVar, dataclass, field, fields
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import torch
 from peft.config import PeftConfig
@@ -17,7 +17,8 @@ from ..masks.budget import resolve_block_weights
 from ..masks.sparse_mask import SparseMask, normalize_module_name
 
 # the dtypes a sparse delta's values may have, by the names used in configs
-VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float64": torch.float64}
 MASK_INITS = ("near_zero", "random")
 _DEPRECATED_MASK_INITS = {"magnitude": "near_zero"}
 
@@ -68,19 +69,19 @@ class SparseDeltaConfig(PeftConfig):
     `base_model_fingerprint`, `weights_digest`.
     """
 
-    mask: Optional[str] = field(
+    mask: str | None = field(
         default=None,
         metadata={"help": "Mask file written by SparseMask.save (in Python also a SparseMask or a dict of module name "
                           "-> bool tensor / flat indices)."},
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Modules to adapt: the mask's modules by default, else every linear layer but the head."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Modules to leave out of target_modules."}
     )
-    mask_init: Optional[Literal["near_zero", "random"]] = field(
+    mask_init: Literal["near_zero", "random"] | None = field(
         default=None,
         metadata={"help": "Without a mask: draw one, 'near_zero' (smallest |W|, the default) or 'random'."},
     )
@@ -113,33 +114,33 @@ class SparseDeltaConfig(PeftConfig):
     compose: Literal["auto", "always", "never"] = field(
         default="auto", metadata={"help": "Compose W + delta transiently for fp32 plain layers ('auto')."}
     )
-    save_dtype: Optional[Literal["float32", "bfloat16", "float16", "float64"]] = field(
+    save_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = field(
         default=None, metadata={"help": "dtype of saved values (default: the values' own)."}
     )
     index_encoding: Literal["auto", "gaps", "bitmap", "int32"] = field(
         default="auto", metadata={"help": "Index encoding in the adapter file; 'auto' picks the smallest per module."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules to train fully and save (as in other PEFT methods)."}
     )
-    module_counts: Optional[dict[str, int]] = field(
+    module_counts: dict[str, int] | None = field(
         default=None, metadata={"help": "Filled by the tuner: trained coordinates per module."}
     )
-    module_index_bytes: Optional[dict[str, int]] = field(
+    module_index_bytes: dict[str, int] | None = field(
         default=None, metadata={"help": "Filled by the tuner: size of each module's encoded index stream."}
     )
-    module_shapes: Optional[dict[str, list[int]]] = field(
+    module_shapes: dict[str, list[int]] | None = field(
         default=None, metadata={"help": "Filled by the tuner: shape of each adapted weight as stored."}
     )
-    base_model_fingerprint: Optional[dict[str, Optional[str]]] = field(
+    base_model_fingerprint: dict[str, str | None] | None = field(
         default=None, metadata={"help": "Filled by the tuner: digest of the base weights the adapter was made for."}
     )
-    weights_digest: Optional[str] = field(
+    weights_digest: str | None = field(
         default=None, metadata={"help": "Filled when saving: digest of adapter_model.safetensors, checked on load."}
     )
     # deprecated spellings, accepted with a warning (not stored)
-    density: InitVar[Optional[float]] = None
-    block_weights: InitVar[Optional[Union[str, dict]]] = None
+    density: InitVar[float | None] = None
+    block_weights: InitVar[str | dict | None] = None
 
     def __post_init__(self, density=None, block_weights=None):
         super().__post_init__()

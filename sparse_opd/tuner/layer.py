@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from typing import Optional
 
 import torch
-from torch import nn
-
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
 
 from ..distributed import full_numel
-from ..masks.targets import stored_shape
 from ..masks.encoding import (
     IndexEncodingError,
     decode_indices,
@@ -21,6 +18,7 @@ from ..masks.encoding import (
     max_stream_bytes,
     validate_flat_indices,
 )
+from ..masks.targets import stored_shape
 from .config import VALUE_DTYPES
 from .functional import (
     CsrPattern,
@@ -145,7 +143,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         self.sparse_delta_indices[adapter_name] = indices.to(stream.device)
         self._placeholder_adapters.discard(adapter_name)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # Unlike PEFT's default, keep the values' own dtype (fp32 by default) on a bf16/fp16/quantized base.
         if device is None:
             base = self.get_base_layer()
@@ -173,7 +171,8 @@ class SparseDeltaLayer(BaseTunerLayer):
     def cast_values(self, adapter_name: str, dtype: torch.dtype) -> None:
         param = self.sparse_delta_values[adapter_name]
         if param.dtype != dtype:
-            self.sparse_delta_values[adapter_name] = nn.Parameter(param.data.to(dtype), requires_grad=param.requires_grad)
+            self.sparse_delta_values[adapter_name] = nn.Parameter(param.data.to(dtype),
+                                                                  requires_grad=param.requires_grad)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Dense delta of one adapter in the stored weight layout (a new tensor; use transiently)."""
@@ -282,7 +281,7 @@ class SparseDeltaLayer(BaseTunerLayer):
                 "base. Load the base model in float32/bfloat16 to merge, or keep the adapter unmerged."
             )
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
@@ -324,7 +323,8 @@ class SparseDeltaModule(nn.Module, SparseDeltaLayer):
     """Module form of the layer; subclasses only change how the stored weight is read."""
 
     def __init__(
-        self, base_layer: nn.Module, adapter_name: str, indices, config, module_name: str = "", placeholder=None, **kwargs
+        self, base_layer: nn.Module, adapter_name: str, indices, config, module_name: str = "", placeholder=None,
+        **kwargs
     ):
         super().__init__()
         SparseDeltaLayer.__init__(self, base_layer, **kwargs)

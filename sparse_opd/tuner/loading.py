@@ -71,7 +71,8 @@ def check_adapter_state(model: nn.Module, config, adapter_name: str, state: dict
         missing = sorted(set(counts) - modules)
         if missing:
             raise ValueError(
-                f"the adapter file has no {_WORDS[kind]} for {len(missing)} module(s), e.g. {missing[:3]}: it is truncated, "
+                f"the adapter file has no {_WORDS[kind]} for {len(missing)} module(s), e.g. {missing[:3]}: "
+                "it is truncated, "
                 "from another PEFT method, or does not belong to this adapter_config.json"
             )
     expected = getattr(config, "weights_digest", None)
@@ -124,7 +125,7 @@ def patch_peft_load_errors() -> None:
     otherwise unchanged, for every method."""
     import functools
 
-    import peft.peft_model as peft_model
+    from peft import peft_model
 
     original = peft_model.load_peft_weights
     if getattr(original, "_sparse_opd_patched", False):

@@ -6,10 +6,9 @@ import dataclasses
 import math
 
 import torch
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
-
-from peft.tuners.tuners_utils import BaseTuner
 
 from ..distributed import is_sharded
 from ..masks.budget import allocate_budget
@@ -91,7 +90,8 @@ class SparseDeltaModel(BaseTuner):
                     "adapter_config.json lists module_counts without matching module_index_bytes; it was not written "
                     "by this version of sparse_opd or was edited by hand"
                 )
-            resolved = {name: (int(k), int(config.module_index_bytes[name])) for name, k in config.module_counts.items()}
+            resolved = {name: (int(k), int(config.module_index_bytes[name]))
+                        for name, k in config.module_counts.items()}
         elif config.mask_init is not None:
             targets = linear_modules(model, config.target_modules, config.exclude_modules)
             resolved = _initial_mask(targets, config)
