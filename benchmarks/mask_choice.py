@@ -32,7 +32,7 @@ def run_strategy(strategy: str, args, config, test, out: Path) -> dict:
     started = time.perf_counter()
     trainer.train()
     training = time.perf_counter() - started
-    after = job.evaluate(trainer.model, tokenizer, test, args, desc=f"evaluation ({strategy})")
+    after = job.evaluate(trainer.model, tokenizer, test, args, desc=f"evaluation ({strategy})", trainer=trainer)
     counts = trainer.model.peft_config[trainer.adapter_name].module_counts
     return {"strategy": strategy, "discovery_s": discovery, "train_s": training, "accuracy": after.accuracy,
             "coordinates": sum(counts.values()), "correct": [int(c) for c in after.correct]}

@@ -49,7 +49,8 @@ def main(argv=None):
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
 
         # 4. After training, save (or push) the adapter with a card that states what it is and what it scored
-        results["student after"] = job.evaluate(trainer.model, tokenizer, test, args, desc="evaluation (after)")
+        results["student after"] = job.evaluate(trainer.model, tokenizer, test, args, "prompt", "evaluation (after)",
+                                                trainer=trainer)
         job.say(f"student after:  {results['student after']}")
         job.save(trainer, args, results)
         if trainer.is_world_process_zero():

@@ -274,12 +274,36 @@ def teacher_sees(job: JobArguments, config, teacher, data) -> str:
             "show the final answer only)")
 
 
-def evaluate(model, tokenizer, dataset, job: JobArguments, prompt_column: str = "prompt", desc: str = "evaluation"):
-    """Greedy answers to the held-out problems, scored by the packaged `math_accuracy` metric (`EvalResult`)."""
+def evaluate(model, tokenizer, dataset, job: JobArguments, prompt_column: str = "prompt", desc: str = "evaluation",
+             trainer=None):
+    """Greedy answers to the held-out problems, scored by the packaged `math_accuracy` metric (`EvalResult`).
+    Pass the ``trainer`` once it has prepared the model (DeepSpeed / FSDP wrap it)."""
     from .tasks import evaluate_model
 
-    return evaluate_model(model, tokenizer, dataset, prompt_column=prompt_column, batch_size=job.eval_batch_size,
-                          max_new_tokens=job.eval_max_new_tokens, progress=desc)
+    with ready_for_generation(model, trainer) as ready:
+        return evaluate_model(ready, tokenizer, dataset, prompt_column=prompt_column, batch_size=job.eval_batch_size,
+                              max_new_tokens=job.eval_max_new_tokens, progress=desc)
+
+
+@contextlib.contextmanager
+def ready_for_generation(model, trainer=None):
+    """``model``, whole: under DeepSpeed ZeRO-3 its weights are partitions until gathered. A trained model goes
+    through TRL's `unwrap_model_for_generation` (gathers and lifts the engine's hooks); a model no engine holds yet
+    (before training, or a teacher) is gathered with `deepspeed.zero.GatheredParameters`."""
+    from .distributed import gathered, is_zero3_param
+
+    if trainer is not None:
+        from trl.models import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:
+            yield unwrapped
+        return
+    params = list(model.parameters())
+    if not any(is_zero3_param(p) for p in params):
+        yield model
+        return
+    with gathered(params):
+        yield model
 
 
 def make_trainer(student, teacher, tokenizer, train, config, job: JobArguments):
@@ -292,6 +316,17 @@ def make_trainer(student, teacher, tokenizer, train, config, job: JobArguments):
                                processing_class=tokenizer, callbacks=callbacks)
     if not job.verbose:
         PhaseProgress.replace_default(trainer)
+    accelerator, dtype = trainer.accelerator, "bf16" if config.bf16 else "fp32"
+    if accelerator.num_processes == 1:
+        say(f"training: 1 process, {dtype}")
+    else:
+        kind = {"MULTI_CPU": "DDP", "MULTI_GPU": "DDP", "FSDP": "FSDP"}.get(accelerator.distributed_type.value,
+                                                                           accelerator.distributed_type.value)
+        if accelerator.is_fsdp2:
+            kind = "FSDP2"
+        elif kind == "DEEPSPEED":
+            kind = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+        say(f"training: {accelerator.num_processes} processes, {kind}, {dtype}")
     return trainer
 
 
@@ -383,7 +418,8 @@ def run(job: JobArguments, config) -> dict:
     trainer = make_trainer(student, teacher, tokenizer, train, config, job)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
 
-    results["student after"] = evaluate(trainer.model, tokenizer, test, job, desc="evaluation (after)")
+    results["student after"] = evaluate(trainer.model, tokenizer, test, job, desc="evaluation (after)",
+                                        trainer=trainer)
     say(f"student after:  {results['student after']}")
     save(trainer, job, results)
     if trainer.is_world_process_zero():

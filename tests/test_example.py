@@ -280,3 +280,26 @@ def test_the_card_of_an_embedded_run_says_how_to_load_its_base(tiny_model_dir, t
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "load_embedded_model" in card and "dequantized from the Q4_1 GGUF" in card
     assert tiny_model_dir not in card and tiny_model_dir not in json.dumps(adapter_config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, kind", [("fsdp2.yaml", "FSDP2"), ("zero3.yaml", "DeepSpeed ZeRO-3")])
+def test_the_example_under_accelerate_launch_with_the_shipped_configs(config, kind, tiny_model_dir, tmp_path):
+    """What the docs tell a user to run: `accelerate launch --config_file examples/accelerate_configs/... ` on 2
+    processes (gloo on this CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    if config == "zero3.yaml":
+        pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(EXAMPLE.parent / "accelerate_configs" / config), str(EXAMPLE),
+           *smoke(tiny_model_dir, out, "--mask_strategy", "near_zero", "--analyze", "false")]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, check=False)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert f"training: 2 processes, {kind}, fp32" in result.stdout
+    assert result.stdout.count("== summary ==") == 1  # printed by the main process only
+    assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()

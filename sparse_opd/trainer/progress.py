@@ -23,7 +23,7 @@ class PhaseProgress(TrainerCallback):
             trainer.remove_callback(callback)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if args.process_index == 0:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=state.max_steps, desc=self.phase, unit="step", dynamic_ncols=True)
