@@ -62,8 +62,8 @@ class JobArguments:
     level: int = field(default=1, metadata={"help": "Difficulty of the synthetic problems (1-4)."})
     teacher_context: str = field(
         default="solution",
-        metadata={"help": "What a context-distillation teacher sees: 'solution' (the worked reference solution, or the "
-                          "reference answer when a row has none), 'examples' or 'both' (synthetic task only)."},
+        metadata={"help": "What a context-distillation teacher sees: 'solution' (the worked reference solution, or "
+                          "the reference answer when a row has none), 'examples' or 'both' (synthetic task only)."},
     )
     num_train: int = field(default=2000, metadata={"help": "Synthetic training problems."})
     num_eval: int = field(default=64, metadata={"help": "Held-out problems evaluated before and after training."})
@@ -340,18 +340,17 @@ def summary(trainer, job: JobArguments, results: dict, started: float) -> str:
     """The closing report: scores with their paired gain, what was trained and saved, the analyzer's summary."""
     from .analysis import analyze_delta
     from .embedded import resolve_model_path
+    from .tuner.model_card import coverage
 
     before, after = results["student before"], results["student after"]
-    config = trainer.model.peft_config[trainer.adapter_name]
-    counts, shapes = config.module_counts or {}, config.module_shapes or {}
-    adapted = sum(rows * cols for rows, cols in shapes.values()) or 1
+    coordinates, entries, matrices = coverage(trainer.model.peft_config[trainer.adapter_name])
     gain, se = after.gain_over(before)
     adapter = Path(trainer.args.output_dir) / "adapter_model.safetensors"
     lines = ["", "== summary ==", f"task: {task_description(job)}; {after.num_examples} held-out problems"]
     lines += [f"{label + ':':16}{result}" for label, result in results.items()]
     lines.append(f"gain: {100 * gain:+.1f} +/- {100 * se:.1f} points (paired over the same problems)")
-    lines.append(f"trained coordinates: {sum(counts.values()):,} = {100 * sum(counts.values()) / adapted:.2f}% of "
-                 f"{len(counts)} weight matrices (mask: {trainer.args.mask_strategy or 'given'})")
+    lines.append(f"trained coordinates: {coordinates:,} = {100 * coordinates / max(entries, 1):.2f}% of "
+                 f"{matrices} weight matrices (mask: {trainer.args.mask_strategy or 'given'})")
     lines.append(f"adapter: {adapter} ({adapter.stat().st_size / 2**20:.2f} MiB) with its model card (README.md)")
     if job.analyze:
         report = analyze_delta(resolve_model_path(job.model_name_or_path), trainer.args.output_dir, progress=False)
@@ -371,11 +370,12 @@ def prepare_cpu_run(config) -> None:
     import torch
     from accelerate import PartialState
 
-    if not (config.use_cpu or not torch.cuda.is_available()):
+    if torch.cuda.is_available() and not config.use_cpu:
         return
     state = PartialState()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // state.num_processes))
-    if config.use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and state.num_processes > 1:
+    fsdp_launch = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if config.use_cpu and fsdp_launch and state.num_processes > 1:
         from accelerate.utils import DistributedType
 
         _ = config.device  # let accelerate settle the state first, then restore the FSDP request

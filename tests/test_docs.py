@@ -1,16 +1,17 @@
 """Every ```python block of README.md and docs/*.md runs, offline, as a user would paste it.
 
 The blocks of one file run in order, in one namespace, in a fresh Python process started in an empty directory. That
-process talks to a local stand-in of the Hub (`FakeHub` of test_trainer_hub.py) which serves tiny models under the
-Hub ids the docs name (`STAND_INS`) and accepts pushes, so `from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")`
-and `push_to_hub("me/...")` go through huggingface_hub's real code paths. A block that cannot run here is preceded by
+process never reaches the real Hub: `HF_ENDPOINT` points at a local stand-in (`FakeHub` of test_trainer_hub.py, an
+HTTP server on 127.0.0.1) which serves tiny models built here under the Hub ids the docs name (`STAND_INS`) and
+accepts pushes, and every other request goes to a dead proxy (`FakeHub.env`). So
+`from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")` in a doc runs huggingface_hub's real download code against
+a tiny local model. A block that cannot run here is preceded by
 ``<!-- docs-test: skip REASON -->``; the reasons are listed at the end of the run.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import sys
@@ -71,9 +72,7 @@ def test_every_python_block_runs(doc, hub, tmp_path):
             continue
         script.write(f"print('--- block {number}', flush=True)\n{code}\n")
     (tmp_path / "doc_blocks.py").write_text(script.getvalue())
-    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", HF_HUB_OFFLINE="0",
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = hub.env(tmp_path / "hf", TOKENIZERS_PARALLELISM="false")
     env.pop("PYTHONPATH", None)  # the blocks see the installed package only, as a user does
     result = subprocess.run([sys.executable, "doc_blocks.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600, check=False)

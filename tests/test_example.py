@@ -252,7 +252,7 @@ def test_quiet_hides_library_warnings_but_not_errors_and_verbose_shows_everythin
     assert job.quiet(["--verbose", "false"]).verbose is False and job.quiet(["--verbose"]).verbose is True
 
 
-def test_the_embedded_model_is_named_by_its_upstream_checkpoint(tiny_model_dir):
+def test_the_embedded_model_is_named_by_its_upstream_checkpoint(tiny_model_dir, tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -264,6 +264,9 @@ def test_the_embedded_model_is_named_by_its_upstream_checkpoint(tiny_model_dir):
     assert is_embedded(model) and "dequantized from the Q4_1 GGUF" in EMBEDDED_NOTE
     peft_model = get_peft_model(model, SparseDeltaConfig(mask_density=0.1))
     assert peft_model.peft_config["default"].base_model_name_or_path == UPSTREAM_MODEL_ID
+    peft_model.save_pretrained(tmp_path / "adapter")  # the tuner's own card, outside the trainer, says it too
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "load_embedded_model" in card and "dequantized from the Q4_1 GGUF" in card
 
 
 def test_the_card_of_an_embedded_run_says_how_to_load_its_base(tiny_model_dir, tmp_path, monkeypatch):

