@@ -112,21 +112,6 @@ class SparseMask:
 
         return mask_from_diff(base, tuned, threshold, mode, precision, target_modules, return_report, progress)
 
-    @classmethod
-    def from_peft_model(cls, model, adapter_name: str = "default") -> SparseMask:
-        """Deprecated: use ``sparse_opd.adapter_mask(model, adapter_name)``, which lives beside the tuner."""
-        import warnings
-
-        warnings.warn("SparseMask.from_peft_model is deprecated; use `from sparse_opd import adapter_mask`",
-                      FutureWarning, stacklevel=2)
-        indices, shapes = {}, {}
-        for name, module in model.named_modules():  # read by attribute: masks do not depend on the tuner
-            if adapter_name in getattr(module, "sparse_delta_indices", {}):
-                indices[name], shapes[name] = module.sparse_delta_indices[adapter_name].cpu(), module.weight_shape
-        if not indices:
-            raise ValueError(f"the model has no sparse-delta adapter named {adapter_name!r}")
-        return cls(indices, shapes)
-
     def union(self, other: SparseMask) -> SparseMask:
         from .overlap import union
 

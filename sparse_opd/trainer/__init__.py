@@ -2,7 +2,7 @@
 
 from ..tuner import sparse_delta_layers
 from .config import MASK_STRATEGIES, SparseOPDConfig
-from .opd_trainer import DenseOPDTrainer, OPDTrainer
+from .opd_trainer import OPDTrainer
 from .privileged import PrivilegedTeacherMixin
 from .sparse_opd_trainer import SparseOPDTrainer, is_sparse_delta_model
 from .teachers import BaseWeightsTeacher, build_teacher_prompt
@@ -11,7 +11,6 @@ from .telemetry import UpdateNormCallback, sparse_delta_stats
 __all__ = [
     "MASK_STRATEGIES",
     "BaseWeightsTeacher",
-    "DenseOPDTrainer",
     "OPDTrainer",
     "PrivilegedTeacherMixin",
     "SparseOPDConfig",

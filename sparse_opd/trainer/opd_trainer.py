@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 from peft import PeftConfig
 from torch import nn
@@ -50,10 +49,3 @@ class OPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTrainer)
         if self.teacher_model is None:
             self.teacher_model = BaseWeightsTeacher(self.model)
 
-
-class DenseOPDTrainer(OPDTrainer):
-    """Deprecated name of `OPDTrainer` (it trains LoRA and other adapters too, not only dense weights)."""
-
-    def __init__(self, *args, **kwargs):
-        warnings.warn("DenseOPDTrainer is now OPDTrainer", FutureWarning, stacklevel=2)
-        super().__init__(*args, **kwargs)

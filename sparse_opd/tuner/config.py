@@ -5,8 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import warnings
-from dataclasses import InitVar, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -20,7 +19,6 @@ from ..masks.sparse_mask import SparseMask, normalize_module_name
 VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "float64": torch.float64}
 MASK_INITS = ("near_zero", "random")
-_DEPRECATED_MASK_INITS = {"magnitude": "near_zero"}
 
 
 @dataclass
@@ -42,7 +40,7 @@ class SparseDeltaConfig(PeftConfig):
         mask_init (`"near_zero"` or `"random"`, *optional*):
             Without a mask, draw one when the adapter is injected: the smallest-|W| coordinates (`"near_zero"`, the
             default: OPD's updates favour near-zero source weights) or random ones, `mask_density` of the targeted
-            entries split by `mask_block_weights`. `"magnitude"` is the deprecated name of `"near_zero"`.
+            entries split by `mask_block_weights`.
         mask_density (`float`, defaults to `0.01`): fraction of the targeted entries to train with `mask_init`.
         mask_block_weights (`str` or `dict`, defaults to `"ffn"`): relative density per block: `"ffn"` (FFN-heavy),
             `"uniform"`, or a dict / JSON object such as `{"ffn": 2.0, "attention": 1.0}`.
@@ -138,15 +136,12 @@ class SparseDeltaConfig(PeftConfig):
     weights_digest: str | None = field(
         default=None, metadata={"help": "Filled when saving: digest of adapter_model.safetensors, checked on load."}
     )
-    # deprecated spellings, accepted with a warning (not stored)
-    density: InitVar[float | None] = None
-    block_weights: InitVar[str | dict | None] = None
-
-    def __post_init__(self, density=None, block_weights=None):
+    def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.SPARSE_DELTA
         loading = bool(self.module_counts)  # a saved adapter: its coordinates come from the adapter file
-        self._take_deprecated(density, block_weights, loading)
+        if loading:
+            self.mask_init = None  # a saved adapter's coordinates come from its file, not from a prior
         self._check_mask()
         if self.mask is None and not loading and self.mask_init is None:
             self.mask_init = "near_zero"  # the default: FFN-weighted near-zero prior
@@ -167,23 +162,6 @@ class SparseDeltaConfig(PeftConfig):
             self.target_modules = sorted({normalize_module_name(n) for n in names})
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
-
-    def _take_deprecated(self, density, block_weights, loading: bool) -> None:
-        renamed = []
-        if self.mask_init in _DEPRECATED_MASK_INITS:
-            renamed.append(f"mask_init={self.mask_init!r} -> mask_init={_DEPRECATED_MASK_INITS[self.mask_init]!r}")
-            self.mask_init = _DEPRECATED_MASK_INITS[self.mask_init]
-        if density is not None:
-            renamed.append("density -> mask_density")
-            self.mask_density = density
-        if block_weights is not None:
-            renamed.append("block_weights -> mask_block_weights")
-            self.mask_block_weights = block_weights
-        if renamed and not loading:  # adapters saved by sparse-opd 0.1 still load silently
-            warnings.warn(f"SparseDeltaConfig: renamed, please update: {'; '.join(renamed)}", FutureWarning,
-                          stacklevel=4)
-        if loading:
-            self.mask_init = None  # a saved adapter's coordinates come from its file, not from a prior
 
     def _check_mask(self) -> None:
         if isinstance(self.mask, (str, os.PathLike)):
