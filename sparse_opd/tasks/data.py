@@ -1,13 +1,15 @@
-"""Datasets in the trainer's format: a conversational `prompt`, an `answer`, and the teacher's privileged prompt.
+"""Datasets in the trainer's format: a `prompt`, an `answer`, and the teacher's privileged prompt.
 
-Two sources produce the same columns:
+Three sources produce the same columns:
 - `arithmetic_dataset`: the synthetic task (no download), fixed-seed splits.
 - `prepare_qa_dataset`: any dataset with a question column and an answer column (for instance GSM8K, whose answers end
   with `#### <number>`), for users with Hub access or their own files.
+- `sparse_opd.tasks.prompts.prepare_prompt_dataset`: any data in TRL's prompt formats, with or without answers.
+`prepare_dataset` picks between the last two from the columns.
 
-Columns: `prompt` (list of chat messages the student sees), `answer` (the final answer as a string),
-`teacher_prompt` (chat messages with the privileged context, seen only by a context-distillation teacher), and
-`solution` (the worked reference solution; empty when the source has none).
+Columns: `prompt` (what the student sees), `answer` (the final answer as a string), `teacher_prompt` (the privileged
+context, seen only by a context-distillation teacher), `solution` (the reference solution the teacher is shown, without
+calculator annotations, ending `Answer: <n>`) and `worked_solution` (whether it holds working beyond the answer).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import random
 
 from datasets import Dataset
 
-from .answers import extract_answer, reference_value
+from .answers import has_working, parse_reference, teacher_solution
 from .arithmetic import SPLIT_SEEDS, Problem, generate_problems, privileged_message, user_message
 
 TRAIN_POOL = 10_000
@@ -94,33 +96,6 @@ def _row(problem: Problem, teacher_context: str, examples, system_prompt) -> dic
 UNPARSEABLE = ("skip", "error")
 
 
-def _answer_of(raw):
-    """``(final answer as a string, worked solution or "")`` of an answer cell, or None if no number is in it.
-
-    A cell may hold a bare number (``42``, ``"42"``), a GSM8K-style solution ending ``#### 42``, or a worked solution
-    that states its answer (``... Answer: 42``, ``the answer is 42``, ``\\boxed{42}``)."""
-    from .answers import parse_number
-
-    if isinstance(raw, bool) or raw is None:
-        return None
-    if isinstance(raw, (int, float)):
-        value = reference_value(raw)
-        worked = ""
-    elif not isinstance(raw, str):
-        return None
-    elif "####" in raw:
-        value = parse_number(raw.rsplit("####", 1)[1].strip())
-        worked = raw.rsplit("####", 1)[0].strip()
-    elif parse_number(raw.strip()) is not None:
-        value, worked = parse_number(raw.strip()), ""
-    else:
-        found = extract_answer(raw)
-        value, worked = (found.value, raw.strip()) if found.well_formatted else (None, "")
-    if value is None:
-        return None
-    return (str(value.numerator) if value.denominator == 1 else str(float(value))), worked
-
-
 def prepare_qa_dataset(
     dataset: Dataset,
     question_column: str = "question",
@@ -155,7 +130,7 @@ def prepare_qa_dataset(
         )
     if on_unparseable not in UNPARSEABLE:
         raise ValueError(f"on_unparseable must be one of {UNPARSEABLE}, got {on_unparseable!r}")
-    parsed = [_answer_of(raw) for raw in dataset[answer_column]]
+    parsed = [parse_reference(raw) for raw in dataset[answer_column]]
     bad = [i for i, p in enumerate(parsed) if p is None]
     if bad and (on_unparseable == "error" or len(bad) == len(parsed)):
         example = dataset[bad[0]][answer_column]
@@ -168,11 +143,10 @@ def prepare_qa_dataset(
     def convert(example, answer, worked):
         if solution_column is not None and example[solution_column]:
             worked = str(example[solution_column]).strip()
-        stated = worked and extract_answer(worked).well_formatted
-        solution = worked if stated else (worked + "\n" if worked else "") + f"Answer: {answer}"
+        solution = teacher_solution(answer, worked)
         question = example[question_column]
         row = {"prompt": _messages(user_message(question), system_prompt), "answer": answer, "solution": solution,
-               "worked_solution": bool(worked)}
+               "worked_solution": has_working(worked)}
         if teacher_context == "solution":
             row["teacher_prompt"] = _messages(privileged_message(question, solution, "solution"), system_prompt)
         return row
@@ -181,6 +155,38 @@ def prepare_qa_dataset(
     out = Dataset.from_list(rows)
     out.info.description = f"{name}: {len(keep)} rows kept, {len(bad)} skipped (answer with no number)"
     return out
+
+
+def prepare_dataset(
+    dataset: Dataset,
+    question_column: str | None = None,
+    prompt_column: str | None = None,
+    answer_column: str | None = None,
+    solution_column: str | None = None,
+    teacher_context: str = "solution",
+    system_prompt: str | None = None,
+    on_unparseable: str = "skip",
+    name: str = "the dataset",
+) -> Dataset:
+    """Question/answer rows (`prepare_qa_dataset`) or TRL-format prompts (`prepare_prompt_dataset`), chosen by the
+    flags given, else by the columns: `prompt` or `messages` make prompt data, `question` question/answer data.
+    A dataset with neither is refused in one line naming its columns and the flags to set."""
+    from .prompts import FORMAT_HELP, PROMPT_COLUMNS, prepare_prompt_dataset
+
+    columns = dataset.column_names
+    if question_column is not None and prompt_column is not None:
+        raise ValueError("pass --question_column or --prompt_column, not both")
+    if prompt_column is None and (question_column is not None or not set(PROMPT_COLUMNS) & set(columns)):
+        question_column = question_column or "question"
+        if question_column not in columns:
+            raise ValueError(f"{name} has no usable prompt column (columns: {columns}): {FORMAT_HELP}")
+        return prepare_qa_dataset(dataset, question_column, answer_column or "answer", teacher_context, system_prompt,
+                                  solution_column, on_unparseable, name)
+    if solution_column is not None:
+        raise ValueError("--solution_column applies to question/answer data; prompt data takes the reference from "
+                         "--answer_column, a 'completion' column or the final assistant message")
+    return prepare_prompt_dataset(dataset, prompt_column, answer_column, teacher_context, system_prompt,
+                                  on_unparseable, name)
 
 
 def load_qa_dataset(source: str, split: str = "train", config: str | None = None) -> Dataset:

@@ -1,61 +1,69 @@
-"""Greedy batched generation and scoring with the packaged `evaluate` metric."""
+"""Greedy batched generation on held-out rows, scored by a metric (the packaged `math_accuracy` by default)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from ..tuner import merged_sparse_delta  # a sparse delta generates fastest merged (exactly undone)
-
-METRIC_DIR = Path(__file__).parent / "metrics" / "math_accuracy"
-
-
-def metric_path() -> str:
-    """Local path of the `math_accuracy` metric module, for `evaluate.load(metric_path())` (works offline)."""
-    return str(METRIC_DIR)
-
-
-def load_metric():
-    """The `math_accuracy` metric, loaded by local path."""
-    import evaluate
-
-    return evaluate.load(metric_path())
+from .generation import generate_completions
+from .scoring import PACKAGED, load_scorer
 
 
 @dataclass
 class EvalResult:
-    """Scores of one model on one dataset. `stderr` is the binomial standard error of `accuracy`."""
+    """Scores of one model on one dataset.
+
+    `accuracy` is the metric's headline score (for `math_accuracy`: the answer found as the benchmark's users find
+    it, see `sparse_opd.tasks.answers`); `strict_accuracy` and `format_error_rate` are the strict `Answer: <n>`
+    format's accuracy and miss rate (None for a metric without them); `correct` holds the per-example scores that
+    gains are paired on; `scores` every number the metric returned.
+    """
 
     accuracy: float
-    format_error_rate: float
+    format_error_rate: float | None
     num_examples: int
     seconds: float
     completions: list[str] = field(default_factory=list, repr=False)
-    correct: list[bool] = field(default_factory=list, repr=False)
+    correct: list = field(default_factory=list, repr=False)
+    strict_accuracy: float | None = None
+    metric: str = PACKAGED
+    scores: dict = field(default_factory=dict, repr=False)
 
     @property
     def stderr(self) -> float:
-        p, n = self.accuracy, max(self.num_examples, 1)
-        return math.sqrt(p * (1 - p) / n)
+        """Standard error of `accuracy`: binomial for 0/1 scores, the sample one for other per-example scores."""
+        n = max(self.num_examples, 1)
+        if self.correct and any(float(c) not in (0.0, 1.0) for c in self.correct):
+            mean = sum(map(float, self.correct)) / len(self.correct)
+            var = sum((float(c) - mean) ** 2 for c in self.correct) / max(len(self.correct) - 1, 1)
+            return math.sqrt(var / len(self.correct))
+        if not 0 <= self.accuracy <= 1:
+            return math.nan
+        return math.sqrt(self.accuracy * (1 - self.accuracy) / n)
 
     def gain_over(self, other: EvalResult) -> tuple[float, float]:
         """``(accuracy - other.accuracy, paired standard error)`` on the same problems in the same order."""
+        if not self.correct or not other.correct:
+            raise ValueError(f"metric {self.metric} gives no per-example scores, so no paired gain; return one score "
+                             "per example from the metric")
         return paired_difference(other.correct, self.correct)
 
     def __str__(self) -> str:
-        return (
-            f"accuracy {100 * self.accuracy:.1f}% +/- {100 * self.stderr:.1f} (n={self.num_examples}), "
-            f"format errors {100 * self.format_error_rate:.1f}%"
-        )
+        if self.metric == PACKAGED:
+            text = f"accuracy {100 * self.accuracy:.1f}% +/- {100 * self.stderr:.1f} (n={self.num_examples})"
+            if self.format_error_rate is not None:
+                text += f", format errors {100 * self.format_error_rate:.1f}%"
+            if self.strict_accuracy is not None:
+                text += f" (accuracy in the strict 'Answer: <n>' format {100 * self.strict_accuracy:.1f}%)"
+            return text
+        return f"{self.metric} {self.accuracy:.4g} +/- {self.stderr:.2g} (n={self.num_examples})"
 
 
 def paired_difference(before: list, after: list) -> tuple[float, float]:
-    """Mean of ``after - before`` over paired per-problem scores (0/1), with its standard error."""
+    """Mean of ``after - before`` over paired per-example scores, with its standard error."""
     if len(before) != len(after) or not before:
         raise ValueError(f"paired scores need the same, non-zero number of problems; got {len(before)} and "
                          f"{len(after)}")
@@ -65,70 +73,20 @@ def paired_difference(before: list, after: list) -> tuple[float, float]:
     return mean, math.sqrt(var / len(d))
 
 
-@torch.no_grad()
-def generate_completions(
-    model,
-    tokenizer,
-    prompts: list,
-    batch_size: int = 32,
-    max_new_tokens: int = 96,
-    chat_template_kwargs: dict | None = None,
-    progress: str | None = None,
-) -> list[str]:
-    """Greedy completions for conversational (list of messages) or plain-text prompts, in the order given.
-
-    Prompts are batched by length (less padding), left-padded, and decoded without special tokens.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    texts = [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
-        if isinstance(p, list)
-        else p
-        for p in prompts
-    ]
-    encoded = [tokenizer(t, add_special_tokens=not isinstance(p, list))["input_ids"] for t, p in zip(texts, prompts)]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    device = next(model.parameters()).device
-    eos = model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(tokenizer.eos_token_id)
-    was_training = model.training
-    model.eval()
-    outputs: list[str | None] = [None] * len(prompts)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(merged_sparse_delta(model))
-        stack.callback(model.train, was_training)
-        starts = range(0, len(order), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=progress, unit="batch", dynamic_ncols=True)
-        for start in starts:
-            batch = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]) :] = 1
-            generated = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=eos,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for row, i in enumerate(batch):
-                outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
-    return outputs
+def on_every_rank(items: list, compute, progress: str | None = None) -> list:
+    """``compute(shard, progress)`` on this rank's contiguous shard of `items`, the results of all ranks gathered in
+    order, so every rank returns the list for all items (one process: ``compute(items, progress)``)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+    if world == 1:
+        return compute(items, progress)
+    per, extra = divmod(len(items), world)
+    start = rank * per + min(rank, extra)
+    shard = items[start : start + per + (rank < extra)]
+    results = compute(shard, progress if rank == 0 else None)  # one progress bar, on the main process
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, results)
+    return [r for part in gathered for r in part]
 
 
 def evaluate_model(
@@ -141,9 +99,18 @@ def evaluate_model(
     max_new_tokens: int = 96,
     metric=None,
     progress: str | None = None,
+    chat_template_kwargs: dict | None = None,
+    generation_context=None,
 ) -> EvalResult:
-    """Generate greedily for every row of `dataset` and score with the `math_accuracy` metric (`progress`: a label
-    for a progress bar over the batches).
+    """Generate greedily for every row of `dataset` and score the completions against `answer_column`.
+
+    Args:
+        metric: `None` (the packaged `math_accuracy`), a local `evaluate` module, `"package.module:function"`, a
+            callable or a loaded `evaluate` module; see `sparse_opd.tasks.scoring`.
+        progress: a label for a progress bar over the batches.
+        chat_template_kwargs: passed to `apply_chat_template` (e.g. ``{"enable_thinking": False}`` for Qwen3).
+        generation_context: a function of the model returning a context manager to generate under (e.g.
+            `sparse_opd.tuner.merged_sparse_delta`); by default the model generates as it is.
 
     Under `torch.distributed`, each rank generates for its contiguous shard and the completions are gathered, so
     every rank returns the same result for the whole dataset.
@@ -151,27 +118,25 @@ def evaluate_model(
     for column in (prompt_column, answer_column):
         if column not in dataset.column_names:
             raise ValueError(f"column {column!r} is not in the dataset (columns: {dataset.column_names})")
+    scorer = load_scorer(metric)
     start = time.perf_counter()
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
-    shard = dataset.shard(world, rank, contiguous=True) if world > 1 else dataset
-    if progress and rank != 0:
-        progress = None  # one bar, on the main process
-    completions = generate_completions(model, tokenizer, shard[prompt_column], batch_size, max_new_tokens,
-                                       progress=progress)
-    if world > 1:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, completions)
-        completions = [c for part in gathered for c in part]
-    per_example = {"per_example": True} if metric is None else {}  # a user's metric may not take the flag
-    metric = metric if metric is not None else load_metric()
-    scores = metric.compute(predictions=completions, references=[str(a) for a in dataset[answer_column]],
-                            **per_example)
+
+    def generate(prompts, bar):
+        return generate_completions(model, tokenizer, prompts, batch_size, max_new_tokens, chat_template_kwargs,
+                                    bar, generation_context)
+
+    completions = on_every_rank(list(dataset[prompt_column]), generate, progress)
+    references = list(dataset[answer_column])
+    scores = scorer(completions, [str(a) for a in references] if scorer.packaged else references)
+    values = scores.values
     return EvalResult(
-        accuracy=scores["accuracy"],
-        format_error_rate=scores["format_error_rate"],
-        num_examples=scores["num_examples"],
+        accuracy=scores.score,
+        format_error_rate=values.get("format_error_rate"),
+        num_examples=len(completions),
         seconds=time.perf_counter() - start,
         completions=completions,
-        correct=scores.get("correct", []),
+        correct=scores.per_example or [],
+        strict_accuracy=values.get("strict_accuracy"),
+        metric=scorer.name,
+        scores=values,
     )
