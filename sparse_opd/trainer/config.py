@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
-MASK_STRATEGIES = ("file", "diff", "probe", "near_zero", "random")
+MASK_STRATEGIES = ("gradient", "file", "diff", "probe", "near_zero", "random")
+GRADIENT_STATISTICS = ("snr", "fisher", "mean")
 
 
 @dataclass
@@ -19,10 +20,18 @@ class SparseOPDConfig(DistillationConfig):
     `PeftModel` nor a `peft_config`):
 
         mask_strategy (`str`, *optional*):
-            How to build the mask: `"file"` (a mask saved with `SparseMask.save`, at `mask_path`), `"diff"` (the
-            coordinates that changed between two checkpoints `mask_diff_base` and `mask_diff_tuned`, e.g. a full OPD
-            run), `"probe"` (statistics of `mask_probe_steps` dense OPD steps run first), `"near_zero"` (the
+            How to build the mask: `"gradient"` (statistics of the OPD gradient over the run's first
+            `mask_gradient_steps` rollout batches, scored before any update: no optimizer state, no copy of the
+            weights, sharded with the model; see `sparse_opd.trainer.discovery`), `"file"` (a mask saved with
+            `SparseMask.save`, at `mask_path`), `"diff"` (the coordinates that changed between two checkpoints
+            `mask_diff_base` and `mask_diff_tuned`, e.g. a full OPD run), `"probe"` (statistics of `mask_probe_steps`
+            dense AdamW OPD steps run first: full fine-tuning memory, one process or DDP only), `"near_zero"` (the
             smallest-|W| coordinates, OPD's prior) or `"random"`.
+        mask_gradient_steps (`int`, *optional*, defaults to `8`): rollout batches (generation batches of
+            `per_device_train_batch_size * gradient_accumulation_steps` prompts per process) scored by `"gradient"`.
+        mask_gradient_statistic (`str`, *optional*, defaults to `"snr"`): what `"gradient"` ranks coordinates by:
+            `"snr"` (|mean g| / (rms g + adam_epsilon), the size of AdamW's normalized step), `"fisher"` (mean g^2)
+            or `"mean"` (|mean g|); see `sparse_opd.masks.gradient_stats`.
         mask_path (`str`, *optional*): mask file for `mask_strategy="file"`.
         mask_diff_base (`str`, *optional*): base checkpoint (local dir or Hub id) for `"diff"`.
         mask_diff_tuned (`str`, *optional*): tuned checkpoint for `"diff"`.
@@ -90,8 +99,8 @@ class SparseOPDConfig(DistillationConfig):
     mask_strategy: str | None = field(
         default=None,
         metadata={
-            "help": "How to build the mask when the model has no sparse-delta adapter: 'file', 'diff', 'probe', "
-            "'near_zero' or 'random'."
+            "help": "How to build the mask when the model has no sparse-delta adapter: 'gradient', 'file', 'diff', "
+            "'probe', 'near_zero' or 'random'."
         },
     )
     mask_path: str | None = field(default=None, metadata={"help": "Mask file for mask_strategy='file'."})
@@ -109,6 +118,12 @@ class SparseOPDConfig(DistillationConfig):
     )
     mask_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules to consider for the mask (default: all linear layers but the head)."}
+    )
+    mask_gradient_steps: int = field(
+        default=8, metadata={"help": "Rollout batches scored by mask_strategy='gradient' before training."}
+    )
+    mask_gradient_statistic: str = field(
+        default="snr", metadata={"help": "Statistic of mask_strategy='gradient': 'snr', 'fisher' or 'mean'."}
     )
     mask_probe_steps: int = field(default=8, metadata={"help": "Dense OPD steps run by mask_strategy='probe'."})
     mask_probe_learning_rate: float = field(
@@ -174,6 +189,12 @@ class SparseOPDConfig(DistillationConfig):
             raise ValueError(f"mask_block_weights must be 'ffn' or 'uniform', got {self.mask_block_weights!r}")
         if self.mask_probe_steps < 1:
             raise ValueError(f"mask_probe_steps must be >= 1, got {self.mask_probe_steps}")
+        if self.mask_gradient_steps < 1:
+            raise ValueError(f"mask_gradient_steps must be >= 1 (rollout batches to score), got "
+                             f"{self.mask_gradient_steps}")
+        if self.mask_gradient_statistic not in GRADIENT_STATISTICS:
+            raise ValueError(f"mask_gradient_statistic must be one of {GRADIENT_STATISTICS}, got "
+                             f"{self.mask_gradient_statistic!r}")
         if self.weight_stats_tau < 0:
             raise ValueError(f"weight_stats_tau must be >= 0, got {self.weight_stats_tau}")
         if self.teacher_prompt_template is not None:

@@ -14,9 +14,57 @@ from ..tuner import SparseDeltaConfig
 from .progress import PhaseProgress
 
 
+def sharded_launch(args) -> str | None:
+    """"FSDP" or "DeepSpeed" when this run shards the model (by its arguments or accelerate's launch), else None."""
+    import os
+
+    truthy = ("1", "true", "yes")
+    if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in truthy:
+        return "DeepSpeed"
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in truthy:
+        return "FSDP"
+    kind = args.distributed_state.distributed_type
+    return {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(kind)
+
+
+def check_strategy(args, train_dataset) -> None:
+    """Refuse, before any model is loaded or rollout generated, a strategy that cannot run as configured."""
+    if args.mask_strategy == "probe" and (sharding := sharded_launch(args)):
+        raise ValueError(
+            f"mask_strategy='probe' trains every weight densely with AdamW, which {sharding} cannot undo afterwards "
+            "(it shards the model it prepares). Use mask_strategy='gradient' (discovery that shards with the model), "
+            "or run the probe once without sharding with --mask_save_path probe.safetensors and train here with "
+            "--mask_strategy file --mask_path probe.safetensors"
+        )
+    if args.mask_strategy in ("gradient", "probe") and train_dataset is not None:
+        try:
+            rows = len(train_dataset)
+        except TypeError:  # an iterable dataset: its length is unknown until read
+            rows = None
+        if rows == 0:
+            raise ValueError(f"mask_strategy={args.mask_strategy!r} scores rollouts of the training prompts, but the "
+                             "training dataset is empty")
+
+
+def gradient_placeholder(model, args) -> SparseMask:
+    """The adapter `"gradient"` discovery starts from: the budget's count per module, on provisional coordinates."""
+    from ..masks.budget import allocate_budget
+    from ..masks.targets import linear_modules, stored_shape
+    from .discovery import provisional_indices
+
+    modules = linear_modules(model, args.mask_target_modules)
+    if not modules:
+        raise ValueError(f"mask_target_modules={args.mask_target_modules!r} matches no linear layer of the student")
+    shapes = {name: tuple(stored_shape(module)) for name, module in modules.items()}
+    counts = allocate_budget(shapes, density=args.mask_density, block_weights=args.mask_block_weights)
+    return SparseMask(provisional_indices(counts, shapes), shapes)
+
+
 def peft_config_from_strategy(model, teacher_model, args, train_dataset, processing_class):
     strategy = args.mask_strategy
     target = args.mask_target_modules
+    if strategy == "gradient":
+        return SparseDeltaConfig(mask=gradient_placeholder(model, args))
     if strategy == "file":
         return SparseDeltaConfig(mask=SparseMask.load(args.mask_path))
     if strategy == "near_zero":
@@ -60,13 +108,7 @@ def probe_mask(model, teacher_model, args, train_dataset, processing_class) -> S
     """
     from .opd_trainer import OPDTrainer
 
-    if args.distributed_state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(
-            "mask_strategy='probe' trains the student densely in place first, which FSDP and DeepSpeed ZeRO-3 cannot "
-            "undo (they shard the model they prepare). Run the probe once without sharding (one process or DDP) with "
-            "--mask_save_path probe.safetensors, then train here with --mask_strategy file --mask_path "
-            "probe.safetensors"
-        )
+    check_strategy(args, train_dataset)
     # float32 tensors are trained in place, so they are copied; the others are replaced by `.float()` copies
     saved = {name: tensor.data.clone() if tensor.dtype == torch.float32 else tensor.data
              for name, tensor in [*model.named_parameters(), *model.named_buffers()]}

@@ -25,7 +25,8 @@ from trl import DistillationTrainer
 
 from ..tuner import SparseDeltaConfig, SparseDeltaLayer, merged_sparse_delta
 from .config import SparseOPDConfig
-from .mask_strategies import peft_config_from_strategy
+from .discovery import GradientDiscovery, adopt_checkpoint_mask
+from .mask_strategies import check_strategy, peft_config_from_strategy
 from .model_card import opd_model_card
 from .privileged import PrivilegedTeacherMixin, check_teacher_context, load_student
 from .rollout_check import RolloutCheckMixin
@@ -78,11 +79,12 @@ def _student_and_adapter_config(model, teacher_model, args, train_dataset, proce
             "SparseOPDTrainer needs the coordinates to train: pass a sparse-delta PeftModel, a SparseDeltaConfig as "
             "peft_config, or set args.mask_strategy ('file', 'diff', 'probe', 'near_zero' or 'random')"
         )
-    if args.mask_strategy in ("probe", "near_zero", "random") and isinstance(model, str):
+    check_strategy(args, train_dataset)
+    if args.mask_strategy in ("gradient", "probe", "near_zero", "random") and isinstance(model, str):
         model = load_student(model, args, quantization_config)
     peft_config = peft_config_from_strategy(model, teacher_model, args, train_dataset, processing_class)
-    if args.mask_save_path and args.distributed_state.is_main_process:
-        peft_config.mask.save(args.mask_save_path)
+    if args.mask_save_path and args.mask_strategy != "gradient" and args.distributed_state.is_main_process:
+        peft_config.mask.save(args.mask_save_path)  # "gradient" saves it once discovered, when training starts
     return model, peft_config
 
 
@@ -158,6 +160,20 @@ class SparseOPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTr
         self._update_norms = UpdateNormCallback(self.adapter_name)
         if args.log_weight_stats:
             self.add_callback(self._update_norms)
+        self.discovery = None
+        if args.mask_strategy == "gradient":
+            # first among the callbacks: its on_train_begin moves the adapter before anything reads it
+            self.discovery = GradientDiscovery(self, args.mask_gradient_steps, args.mask_gradient_statistic)
+            self.callback_handler.callbacks.insert(0, self.discovery)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`; with `mask_strategy="gradient"`, the coordinates are discovered first (or, when resuming,
+        read from the checkpoint)."""
+        if self.discovery is not None and not self.discovery.done and resume_from_checkpoint:
+            adopt_checkpoint_mask(self, resume_from_checkpoint)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                               ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        return output
 
     # generation -----------------------------------------------------------------------------------------------------
     def _generation_context(self):

@@ -70,20 +70,34 @@ def _pick_method(spec: DeltaSpec, k: int) -> str:
     return "sampled" if density < spec.sampled_max_density else "dense"
 
 
-def gathered_weight_grad_dense(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, shape, block_elements: int):
-    """``(a^T @ b).flatten()[indices]`` computed in row blocks; ``a``: (T, rows), ``b``: (T, cols), indices sorted."""
+def rows_per_block(shape, block_elements: int) -> int:
+    """Rows of the stored weight gradient formed at once: blocks of at most ``block_elements`` entries."""
     rows, cols = shape
-    rows_per_block = max(1, min(rows, block_elements // cols))
+    return max(1, min(rows, block_elements // cols))
+
+
+def gathered_weight_grad_dense(a: torch.Tensor, b: torch.Tensor, indices: torch.Tensor, shape, block_elements: int,
+                               observer=None):
+    """``(a^T @ b).flatten()[indices]`` computed in row blocks; ``a``: (T, rows), ``b``: (T, cols), indices sorted.
+
+    ``observer(first_row, block)``, if given, sees every block of the weight gradient in float32 (also the blocks
+    that hold no index): how gradient statistics are accumulated without ever forming the whole gradient."""
+    rows, cols = shape
+    step = rows_per_block(shape, block_elements)
     out = torch.empty(indices.numel(), dtype=torch.promote_types(a.dtype, torch.float32), device=a.device)
     bounds = torch.searchsorted(
-        indices, torch.arange(0, rows + rows_per_block, rows_per_block, device=indices.device).clamp_max(rows) * cols
+        indices, torch.arange(0, rows + step, step, device=indices.device).clamp_max(rows) * cols
     ).tolist()
-    for block, r0 in enumerate(range(0, rows, rows_per_block)):
+    if observer is not None:
+        a, b = a.float(), b.float()
+    for block, r0 in enumerate(range(0, rows, step)):
         lo, hi = bounds[block], bounds[block + 1]
-        if lo == hi:
+        if lo == hi and observer is None:
             continue
-        r1 = min(rows, r0 + rows_per_block)
+        r1 = min(rows, r0 + step)
         g = a[:, r0:r1].T @ b  # (r1 - r0, cols)
+        if observer is not None:
+            observer(r0, g)
         out[lo:hi] = g.reshape(-1)[indices[lo:hi] - r0 * cols]
     return out
 
@@ -111,12 +125,13 @@ class SparseDeltaFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, spec: DeltaSpec, *pairs):
+    def forward(ctx, x, weight, spec: DeltaSpec, observer, *pairs):
         values, indices = pairs[0::2], pairs[1::2]
         effective = _effective_weight(weight, values, indices, spec.shape, x.dtype)
         y = _apply_weight(x, effective, spec.transposed)
         del effective
         ctx.spec = spec
+        ctx.observer = observer
         ctx.n_adapters = len(values)
         ctx.has_weight = weight is not None
         ctx.save_for_backward(x, weight, *pairs)
@@ -133,21 +148,26 @@ class SparseDeltaFunction(torch.autograd.Function):
             grad_x = _grad_input(grad_y, effective, spec.transposed)
             del effective
         grads = []
-        if any(ctx.needs_input_grad[3 + 2 * j] for j in range(ctx.n_adapters)):
+        observer = ctx.observer
+        if observer is not None or any(ctx.needs_input_grad[4 + 2 * j] for j in range(ctx.n_adapters)):
             gy2 = grad_y.reshape(-1, grad_y.shape[-1])
             x2 = x.reshape(-1, x.shape[-1])
             a, b = (x2, gy2) if spec.transposed else (gy2, x2)
             for j in range(ctx.n_adapters):
-                if not ctx.needs_input_grad[3 + 2 * j]:
+                if not ctx.needs_input_grad[4 + 2 * j] and observer is None:
                     grads += [None, None]
                     continue
-                method = _pick_method(spec, indices[j].numel())
-                fn = gathered_weight_grad_sampled if method == "sampled" else gathered_weight_grad_dense
-                g = fn(a, b, indices[j], spec.shape, spec.block_elements)
-                grads += [g.to(values[j].dtype), None]
+                if observer is not None:  # the whole weight gradient passes by, block by block, once per call
+                    g = gathered_weight_grad_dense(a, b, indices[j], spec.shape, spec.block_elements, observer)
+                    observer = None
+                else:
+                    method = _pick_method(spec, indices[j].numel())
+                    fn = gathered_weight_grad_sampled if method == "sampled" else gathered_weight_grad_dense
+                    g = fn(a, b, indices[j], spec.shape, spec.block_elements)
+                grads += [g.to(values[j].dtype) if ctx.needs_input_grad[4 + 2 * j] else None, None]
         else:
             grads = [None] * (2 * ctx.n_adapters)
-        return (grad_x, None, None, *grads)
+        return (grad_x, None, None, None, *grads)
 
 
 def _effective_weight(weight, values, indices, shape, dtype):
@@ -158,10 +178,11 @@ def _effective_weight(weight, values, indices, shape, dtype):
     return out
 
 
-def sparse_delta_linear(x, weight, spec: DeltaSpec, values: list, indices: list):
-    """Autograd entry point; see :class:`SparseDeltaFunction`."""
+def sparse_delta_linear(x, weight, spec: DeltaSpec, values: list, indices: list, observer=None):
+    """Autograd entry point; see :class:`SparseDeltaFunction`. ``observer(first_row, block)`` is shown the whole
+    weight gradient in float32 row blocks during backward (gradient statistics for mask discovery)."""
     pairs = [t for pair in zip(values, indices) for t in pair]
-    return SparseDeltaFunction.apply(x, weight, spec, *pairs)
+    return SparseDeltaFunction.apply(x, weight, spec, observer, *pairs)
 
 
 @dataclass(frozen=True)

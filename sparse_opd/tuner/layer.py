@@ -219,13 +219,36 @@ class SparseDeltaLayer(BaseTunerLayer):
             pattern = cache[adapter] = CsrPattern.build(indices, self.delta_specs[adapter], key)
         return pattern
 
-    def _delta_output(self, x, weight, adapters):
+    def _delta_output(self, x, weight, adapters, observe: bool = True):
         spec = self.delta_specs[adapters[0]]
         values = [self.sparse_delta_values[a] for a in adapters]
         indices = [self.sparse_delta_indices[a] for a in adapters]
         if any(self.delta_specs[a] != spec for a in adapters[1:]):
-            return sum(self._delta_output(x, weight if i == 0 else None, [a]) for i, a in enumerate(adapters))
-        return sparse_delta_linear(x, weight, spec, values, indices)
+            return sum(self._delta_output(x, weight if i == 0 else None, [a], observe=i == 0)
+                       for i, a in enumerate(adapters))
+        observer = self.__dict__.get("weight_grad_observer") if observe else None
+        return sparse_delta_linear(x, weight, spec, values, indices, observer)
+
+    def set_weight_grad_observer(self, observer) -> None:
+        """While set, every backward through this layer shows ``observer(first_row, block)`` the whole gradient of
+        the base weight (stored layout, float32, row blocks of at most `grad_block_elements` entries); `None` removes
+        it. Used by gradient-statistics mask discovery, which never holds a layer's whole gradient."""
+        self.__dict__["weight_grad_observer"] = observer
+
+    def replace_indices(self, adapter_name: str, indices: torch.Tensor, encoding: str = "auto") -> None:
+        """Move a not-yet-trained adapter to other coordinates of the same count, in place (the buffers keep their
+        identity, so a model already wrapped for DDP / FSDP2 / ZeRO-3 trains the new coordinates)."""
+        current = self.sparse_delta_indices[adapter_name]
+        name = self._module_name or adapter_name
+        indices = validate_flat_indices(indices, self.weight_numel, name=name)
+        if indices.numel() != current.numel():
+            raise ValueError(f"{name}: {indices.numel()} new coordinates for an adapter of {current.numel()}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"{name}: adapter {adapter_name!r} is merged; unmerge it before moving its coordinates")
+        current.copy_(indices.to(current.device))
+        stream = encode_indices(indices.cpu(), self.weight_numel, encoding)
+        self.sparse_delta_index_stream.set_encoded(adapter_name, stream.to(current.device))
+        self.__dict__.get("_csr_patterns", {}).pop(adapter_name, None)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:

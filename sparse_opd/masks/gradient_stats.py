@@ -1,0 +1,128 @@
+"""Per-coordinate statistics of a weight gradient over micro-batches, sharded over the ranks, never a whole gradient.
+
+`GradientStatistics` receives each adapted weight's gradient one row block at a time, while backward produces it (see
+`SparseDeltaLayer.set_weight_grad_observer`), and adds the block into two float32 accumulators per coordinate:
+``s1 = sum_t g_t`` and ``s2 = sum_t g_t^2`` over the observed micro-batches ``t``. With several ranks each block is
+summed over the ranks by a reduce-scatter, and each rank keeps only its slice of every block: 8 bytes per adapted
+weight entry divided by the number of ranks, plus one block in flight. No optimizer state, no copy of the weights.
+
+Scores (`STATISTICS`), with ``n`` micro-batches, ``mean = s1 / n`` and ``rms = sqrt(s2 / n)``:
+
+- ``"snr"``: ``|mean| / (rms + eps)``, the size of AdamW's normalized step ``m / (sqrt(v) + eps)`` for a steady
+  gradient: what the first steps of an AdamW run move most. In ``[0, 1]``.
+- ``"fisher"``: ``s2 / n``, the mean squared gradient (the diagonal empirical Fisher): what SGD-like methods and
+  Fisher-based pruning rank by.
+- ``"mean"``: ``|mean|``, the size of the accumulated gradient: what plain SGD would move most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+STATISTICS = ("snr", "fisher", "mean")
+ACCUMULATOR_BYTES = 8  # two float32 accumulators per coordinate (divided by the ranks when sharded)
+
+
+@dataclass
+class _Slice:
+    """This rank's part of one row block of a weight: flat positions ``start .. start + length`` of the weight."""
+
+    start: int
+    length: int
+    s1: torch.Tensor
+    s2: torch.Tensor
+
+
+@dataclass
+class _Module:
+    shape: tuple[int, int]
+    slices: dict[int, _Slice] = field(default_factory=dict)  # first row of the block -> this rank's slice
+    samples: int = 0
+
+
+class GradientStatistics:
+    """Accumulates ``sum g`` and ``sum g^2`` per coordinate of the given weights (module name -> stored shape).
+
+    ``group``: the process group to sum over (None: the default group when torch.distributed is initialized, else
+    a single process). Every rank must observe the same blocks in the same order (backward does, for models whose
+    every adapted layer runs on every rank).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], group=None):
+        self.modules = {name: _Module(tuple(shape)) for name, shape in shapes.items()}
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.group = group
+        self.world = torch.distributed.get_world_size(group) if distributed else 1
+        self.rank = torch.distributed.get_rank(group) if distributed else 0
+
+    def observer(self, name: str):
+        """The callable a layer calls with each block of its weight gradient: ``observer(first_row, block)``."""
+        module = self.modules[name]
+
+        def observe(first_row: int, block: torch.Tensor) -> None:
+            self._add(module, first_row, block)
+
+        return observe
+
+    def _add(self, module: _Module, first_row: int, block: torch.Tensor) -> None:
+        flat = block.detach().reshape(-1).float()
+        numel = flat.numel()
+        chunk = -(-numel // self.world)
+        if self.world > 1:
+            if chunk * self.world != numel:
+                flat = torch.nn.functional.pad(flat, (0, chunk * self.world - numel))
+            part = torch.empty(chunk, dtype=flat.dtype, device=flat.device)
+            torch.distributed.reduce_scatter_tensor(part, flat, group=self.group)
+        else:
+            part = flat
+        length = max(0, min(chunk, numel - self.rank * chunk))
+        part = part[:length]
+        entry = module.slices.get(first_row)
+        if entry is None:
+            start = first_row * module.shape[1] + self.rank * chunk
+            entry = module.slices[first_row] = _Slice(start, length, torch.zeros_like(part), torch.zeros_like(part))
+        entry.s1.add_(part)
+        entry.s2.addcmul_(part, part)
+        if first_row == 0:
+            module.samples += 1
+
+    @property
+    def samples(self) -> int:
+        """Micro-batches observed (by the module observed least)."""
+        return min((m.samples for m in self.modules.values()), default=0)
+
+    def accumulator_bytes(self) -> int:
+        """Bytes held by this rank's accumulators."""
+        return sum(s.s1.numel() * s.s1.element_size() * 2 for m in self.modules.values() for s in m.slices.values())
+
+    def scores(self, statistic: str = "snr", eps: float = 1e-8) -> dict[str, list[tuple[int, torch.Tensor]]]:
+        """Per module, this rank's coordinates as ``(first flat position, float32 scores >= 0)`` slices. Computed in
+        place over the accumulators, which are consumed: the scores take half of their memory."""
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        out = {}
+        for name, module in self.modules.items():
+            n = module.samples
+            if n == 0:
+                raise ValueError(f"{name}: no gradient was observed; did every adapted layer take part in the loss?")
+            slices = []
+            for entry in sorted(module.slices.values(), key=lambda e: e.start):
+                s1, s2 = entry.s1, entry.s2
+                if statistic == "snr":
+                    s1.abs_().div_(s2.div_(n).sqrt_().add_(eps)).div_(n)
+                elif statistic == "fisher":
+                    s1 = s2.div_(n)
+                else:
+                    s1.abs_().div_(n)
+                entry.s1 = entry.s2 = None
+                slices.append((entry.start, s1))
+            module.slices = {}
+            out[name] = slices
+        return out
+
+
+def bytes_per_parameter(world_size: int = 1) -> float:
+    """Accumulator bytes per adapted weight entry on each rank."""
+    return ACCUMULATOR_BYTES / max(1, world_size)
