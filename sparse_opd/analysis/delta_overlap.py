@@ -6,22 +6,12 @@ from collections import defaultdict
 
 import torch
 
+from ..masks.changes import PRECISIONS, changed_entries
 from ..masks.module_types import block_of
 from ..masks.overlap import Overlap, overlap_from_counts
 from ..memory import release_freed_memory
 from . import metrics as M
 from .sources import open_source
-
-PRECISIONS = ("raw", "bf16")
-
-
-def changed_entries(w: torch.Tensor, d: torch.Tensor, threshold: float, precision: str) -> torch.Tensor:
-    """Boolean map of the entries a delta changed: ``|D| > threshold`` as stored (``precision="raw"``), or after a
-    bf16 round trip of ``W`` and ``W + D`` (``"bf16"``: what two bf16 checkpoints would show); see
-    `metrics.changed_entries`."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return M.changed_entries(w, d, precision, threshold)
 
 
 def delta_overlap(base, tuned_a, tuned_b, *, threshold: float = 1e-5, precision: str = "raw", null: bool = True,

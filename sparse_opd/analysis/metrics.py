@@ -10,6 +10,9 @@ import math
 
 import torch
 
+from ..masks.changes import bf16_visible
+from ..masks.changes import changed_entries as _changed
+
 TAUS = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
 TOP_KS = (1, 2, 4, 8, 16, 32, 64)
 RANK_TAUS = (1e-2, 1e-3, 1e-4, 1e-5)  # numerical rank: s_i > tau * s_1
@@ -218,14 +221,11 @@ CHANGE_RULES = ("raw", "bf16", "top")
 
 
 def changed_entries(w: torch.Tensor, d: torch.Tensor, rule: str, threshold: float) -> torch.Tensor:
-    """Boolean map of the entries a delta changed: ``|D| > threshold`` as stored (``"raw"``; ``"top"`` is the same
-    rule with an order statistic of ``|D|`` as the threshold) or ``|bf16(W + D) - bf16(W)| > threshold``
-    (``"bf16"``: what two bf16 checkpoints would show)."""
-    if rule == "bf16":
-        return bf16_visible(w, d).abs() > threshold
-    if rule in ("raw", "top"):
-        return d.float().abs() > threshold
-    raise ValueError(f"rule must be one of {CHANGE_RULES}, got {rule!r}")
+    """`sparse_opd.masks.changes.changed_entries` by rule: ``"raw"`` (``|D| > threshold``; ``"top"`` is the same rule
+    with an order statistic of ``|D|`` as the threshold) or ``"bf16"`` (what two bf16 checkpoints would show)."""
+    if rule not in CHANGE_RULES:
+        raise ValueError(f"rule must be one of {CHANGE_RULES}, got {rule!r}")
+    return _changed(w, d, threshold, "bf16" if rule == "bf16" else "raw")
 
 
 def near_zero_lift(w: torch.Tensor, d: torch.Tensor, rule: str = "raw", threshold: float = 1e-5,
@@ -247,13 +247,6 @@ def near_zero_lift(w: torch.Tensor, d: torch.Tensor, rule: str = "raw", threshol
         for q in quantiles:
             below[q] += int((c & (a <= thresholds[q])).sum())
     return {q: below[q] / changed / q if changed else float("nan") for q in quantiles}
-
-
-def bf16_visible(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``bf16(W + D) - bf16(W)``: the delta a bfloat16 checkpoint can show."""
-    _check_pair(w, d)
-    w32 = w.float()
-    return (w32 + d.float()).to(torch.bfloat16).float() - w32.to(torch.bfloat16).float()
 
 
 def bf16_step(w: torch.Tensor) -> torch.Tensor:

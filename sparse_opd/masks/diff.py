@@ -1,9 +1,9 @@
 """The mask of coordinates that changed between two checkpoints, streamed tensor by tensor.
 
-``changed = |T - B| > threshold`` (``mode="abs"``, the paper's 1e-5), ``|T - B| > threshold * rms(B)``
-(``mode="rel"``) or ``T != B`` (``mode="changed"``), where ``B``, ``T`` are the base and tuned tensors either as stored
-(``precision="raw"``) or rounded to bfloat16 first (``precision="bf16"``: what a bf16 checkpoint can show; updates
-below half a bf16 step of ``B`` vanish).
+An entry changed by the rule of `sparse_opd.masks.changes` (``|T - B| > threshold`` as stored, or as bfloat16
+checkpoints show it with ``precision="bf16"``: updates below half a bf16 step of ``B`` vanish), the threshold being
+``threshold`` (``mode="abs"``, the paper's 1e-5), ``threshold * rms(B)`` (``mode="rel"``) or 0 (``mode="changed"``:
+any change).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..memory import release_freed_memory
+from .changes import PRECISIONS, changed_entries, delta_of
 from .checkpoints import CheckpointReader
 from .sparse_mask import SparseMask, normalize_module_name
 from .targets import checkpoint_targets
 
 MODES = ("abs", "rel", "changed")
-PRECISIONS = ("raw", "bf16")
 
 
 @dataclass
@@ -48,18 +48,13 @@ class DiffReport:
 
 
 def changed_coordinates(base: torch.Tensor, tuned: torch.Tensor, threshold: float, mode: str, precision: str):
-    """Flat indices of the changed entries of one weight (see the module docstring for the rule)."""
-    if precision == "bf16":
-        base, tuned = base.to(torch.bfloat16), tuned.to(torch.bfloat16)
+    """Flat indices of the changed entries of one weight (`sparse_opd.masks.changes`; ``mode`` scales the
+    threshold: ``"rel"`` by rms(base), ``"changed"`` sets it to 0)."""
     if mode == "changed":
-        changed = tuned != base
-    else:
-        delta = (tuned.double() - base.double()).abs()
-        if mode == "rel":
-            rms = base.double().pow(2).mean().sqrt()
-            changed = delta > threshold * rms
-        else:
-            changed = delta > threshold
+        threshold = 0.0
+    elif mode == "rel":
+        threshold = threshold * float(base.double().pow(2).mean().sqrt())
+    changed = changed_entries(base, delta_of(base, tuned), threshold, precision)
     return torch.nonzero(changed.reshape(-1)).reshape(-1)
 
 

@@ -97,9 +97,11 @@ class GradientStatistics:
         """Bytes held by this rank's accumulators."""
         return sum(s.s1.numel() * s.s1.element_size() * 2 for m in self.modules.values() for s in m.slices.values())
 
-    def scores(self, statistic: str = "snr", eps: float = 1e-8) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    def scores(self, statistic: str = "snr", eps: float = 1e-8,
+               keep: bool = False) -> dict[str, list[tuple[int, torch.Tensor]]]:
         """Per module, this rank's coordinates as ``(first flat position, float32 scores >= 0)`` slices. Computed in
-        place over the accumulators, which are consumed: the scores take half of their memory."""
+        place over the accumulators, which are consumed (the scores take half of their memory), unless ``keep``
+        (scores on copies: several statistics from one pass, for comparisons)."""
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         out = {}
@@ -109,16 +111,18 @@ class GradientStatistics:
                 raise ValueError(f"{name}: no gradient was observed; did every adapted layer take part in the loss?")
             slices = []
             for entry in sorted(module.slices.values(), key=lambda e: e.start):
-                s1, s2 = entry.s1, entry.s2
+                s1, s2 = (entry.s1.clone(), entry.s2.clone()) if keep else (entry.s1, entry.s2)
                 if statistic == "snr":
                     s1.abs_().div_(s2.div_(n).sqrt_().add_(eps)).div_(n)
                 elif statistic == "fisher":
                     s1 = s2.div_(n)
                 else:
                     s1.abs_().div_(n)
-                entry.s1 = entry.s2 = None
+                if not keep:
+                    entry.s1 = entry.s2 = None
                 slices.append((entry.start, s1))
-            module.slices = {}
+            if not keep:
+                module.slices = {}
             out[name] = slices
         return out
 

@@ -100,16 +100,14 @@ class GradientDiscovery(TrainerCallback):
             return None
         return torch.distributed.new_group()  # its own communicator, beside the engines' collectives
 
-    def run(self, dataloader) -> None:
+    def collect(self, dataloader, group=None) -> tuple[GradientStatistics, int, int]:
+        """Score `steps` generation batches of ``dataloader``: the statistics, completion tokens scored (this rank)
+        and micro-batches."""
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-        adapter = trainer.adapter_name
-        layers = {normalize_module_name(n): m for n, m in sparse_delta_layers(model, adapter).items()}
-        shapes = {n: layer.weight_shape for n, layer in layers.items()}
-        counts = {n: int(layer.sparse_delta_indices[adapter].numel()) for n, layer in layers.items()}
-        group = self._group()
-        stats = GradientStatistics(shapes, group=group)
-        started, tokens_seen = time.perf_counter(), trainer.state.num_input_tokens_seen
+        layers = {normalize_module_name(n): m for n, m in sparse_delta_layers(model, trainer.adapter_name).items()}
+        stats = GradientStatistics({n: layer.weight_shape for n, layer in layers.items()}, group=group)
+        tokens_seen = trainer.state.num_input_tokens_seen
         values = [p for layer in layers.values() for p in layer.sparse_delta_values.parameters() if p.requires_grad]
         for name, layer in layers.items():
             layer.set_weight_grad_observer(stats.observer(name))
@@ -120,6 +118,18 @@ class GradientDiscovery(TrainerCallback):
                 layer.set_weight_grad_observer(None)
             trainer._metrics["train"].clear()  # discovery's rollouts are not the first training step's
             trainer.state.num_input_tokens_seen = tokens_seen
+        return stats, tokens, micro_batches
+
+    def run(self, dataloader) -> None:
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        adapter = trainer.adapter_name
+        layers = {normalize_module_name(n): m for n, m in sparse_delta_layers(model, adapter).items()}
+        shapes = {n: layer.weight_shape for n, layer in layers.items()}
+        counts = {n: int(layer.sparse_delta_indices[adapter].numel()) for n, layer in layers.items()}
+        group = self._group()
+        started = time.perf_counter()
+        stats, tokens, micro_batches = self.collect(dataloader, group)
         tokens = trainer.accelerator.reduce(torch.tensor(float(tokens), device=trainer.accelerator.device), "sum")
         if tokens.item() == 0:
             raise ValueError("gradient discovery scored no completion token: every rollout was empty; raise "
