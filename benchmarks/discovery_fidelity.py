@@ -45,8 +45,8 @@ def _student():
 
 def full_opd_update(data, steps: int, lr: float) -> dict[str, torch.Tensor]:
     """``|W_steps - W_0|`` per linear layer of a full OPD run (the teacher: the base weights with the solution)."""
-    from sparse_opd.masks.probe import ProbeCallback
     from sparse_opd.trainer import OPDTrainer
+    from sparse_opd.trainer.probe import ProbeCallback
 
     model, tokenizer = _student()
     probe = ProbeCallback("update")
@@ -58,8 +58,8 @@ def full_opd_update(data, steps: int, lr: float) -> dict[str, torch.Tensor]:
 
 
 def probe_scores(data, steps: int, lr: float) -> dict[str, torch.Tensor]:
-    from sparse_opd.masks.probe import ProbeCallback
     from sparse_opd.trainer import OPDTrainer
+    from sparse_opd.trainer.probe import ProbeCallback
 
     model, tokenizer = _student()
     probe = ProbeCallback("update")

@@ -35,7 +35,7 @@ def run(steps: int, statistic: str, lr: float, data, tokenizer, workdir: str):
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from sparse_opd.embedded import embedded_model_path
-    from sparse_opd.masks import ProbeCallback
+    from sparse_opd.trainer.probe import ProbeCallback
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.float32)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_model
 
 from sparse_opd import SparseDeltaConfig, SparseMask, adapter_mask
-from sparse_opd.masks import ProbeCallback, allocate_budget, block_of, mask_overlap, near_zero_mask, random_mask
+from sparse_opd.masks import allocate_budget, block_of, mask_overlap, near_zero_mask, random_mask
+from sparse_opd.trainer.probe import ProbeCallback
 
 UP = "model.layers.0.mlp.up_proj"
 Q = "model.layers.1.self_attn.q_proj"

@@ -9,8 +9,9 @@ from safetensors.torch import save_file
 from tiny_models import make_model
 
 from sparse_opd import SparseDeltaConfig, SparseMask, adapter_mask
-from sparse_opd.masks import ProbeCallback, near_zero_mask, random_mask
+from sparse_opd.masks import near_zero_mask, random_mask
 from sparse_opd.masks.targets import checkpoint_targets, linear_modules
+from sparse_opd.trainer.probe import ProbeCallback
 
 _LLAMA = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
           "mlp.up_proj", "mlp.down_proj"}

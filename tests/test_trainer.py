@@ -496,7 +496,7 @@ def test_sparse_payload_rebuilds_the_merged_weights_on_a_stand_in_server(tokeniz
 def test_probe_strategy_keeps_the_top_scoring_coordinates_and_restores_the_weights(
     tmp_path, tokenizer, train_set, monkeypatch
 ):
-    from sparse_opd.masks import ProbeCallback
+    from sparse_opd.trainer.probe import ProbeCallback
 
     captured = {}
     original_to_mask = ProbeCallback.to_mask

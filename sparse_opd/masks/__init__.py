@@ -6,13 +6,12 @@ from .encoding import decode_indices, encode_indices
 from .module_types import block_of, layer_index, module_type
 from .overlap import Overlap, intersection, mask_overlap, union
 from .priors import near_zero_mask, prior_indices, random_mask
-from .probe import ProbeCallback, top_k_mask
 from .sparse_mask import SparseMask, normalize_module_name
+from .top_k import top_k_indices, top_k_mask
 
 __all__ = [
     "DiffReport",
     "Overlap",
-    "ProbeCallback",
     "SparseMask",
     "allocate_budget",
     "block_of",
@@ -26,6 +25,7 @@ __all__ = [
     "normalize_module_name",
     "prior_indices",
     "random_mask",
+    "top_k_indices",
     "top_k_mask",
     "union",
 ]

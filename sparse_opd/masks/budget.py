@@ -21,10 +21,28 @@ def resolve_block_weights(weights: str | Mapping[str, float] | None) -> dict[str
         raise ValueError(f"unknown block weighting {weights!r}; use 'ffn', 'uniform' or a dict like {{'ffn': 2.0}}")
     out = {"ffn": 1.0, "attention": 1.0, "other": 1.0}
     for key, value in weights.items():
-        if value < 0 or not math.isfinite(value):
-            raise ValueError(f"block weight for {key!r} must be a finite number >= 0, got {value}")
+        if key not in out:
+            raise ValueError(f"unknown block {key!r} in the block weights; the blocks are {sorted(out)}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or not math.isfinite(value):
+            raise ValueError(f"block weight for {key!r} must be a finite number >= 0, got {value!r}")
         out[key] = float(value)
     return out
+
+
+def parse_block_weights(weights: str | Mapping[str, float]) -> str | dict[str, float]:
+    """A config's block weights, checked: ``"ffn"``, ``"uniform"``, a dict, or a JSON object given as a string (from
+    a command line or a JSON file) returned as a dict. The one validation of every config that takes them."""
+    if isinstance(weights, str) and weights.lstrip().startswith("{"):
+        import json
+
+        try:
+            weights = json.loads(weights)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"block weights are not a valid JSON object: {err}") from None
+    if not isinstance(weights, (str, Mapping)):
+        raise ValueError(f"block weights must be 'ffn', 'uniform' or an object like {{\"ffn\": 2.0}}, got {weights!r}")
+    resolve_block_weights(weights)
+    return weights if isinstance(weights, str) else dict(weights)
 
 
 def allocate_budget(

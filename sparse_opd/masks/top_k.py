@@ -14,6 +14,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .budget import allocate_budget
+from .sparse_mask import SparseMask
+
 _PASSES = ((20, 11), (9, 11), (0, 9))  # (shift, width): the 31 bits of a non-negative float32, high to low
 
 
@@ -112,3 +115,12 @@ def _gather_selection(names: list[str], local: list[torch.Tensor], group, world:
             parts[name].append(everything[r, offset:offset + size])
             offset += size
     return {n: torch.sort(torch.cat(parts[n])).values for n in names}
+
+
+def top_k_mask(scores: Mapping[str, torch.Tensor], density=None, total=None, block_weights="ffn") -> SparseMask:
+    """Per module, the coordinates with the largest score (whole score tensors on one process), with counts from
+    `allocate_budget`."""
+    shapes = {name: tuple(s.shape) for name, s in scores.items()}
+    counts = allocate_budget(shapes, density=density, total=total, block_weights=block_weights)
+    indices = {name: torch.topk(s.reshape(-1), counts[name]).indices.cpu() for name, s in scores.items()}
+    return SparseMask(indices, shapes)

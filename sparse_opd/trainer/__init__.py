@@ -3,6 +3,7 @@
 from ..tuner import sparse_delta_layers
 from .config import MASK_STRATEGIES, SparseOPDConfig
 from .opd_trainer import OPDTrainer
+from .probe import ProbeCallback
 from .privileged import PrivilegedTeacherMixin
 from .sparse_opd_trainer import SparseOPDTrainer, is_sparse_delta_model
 from .teachers import BaseWeightsTeacher, build_teacher_prompt
@@ -13,6 +14,7 @@ __all__ = [
     "BaseWeightsTeacher",
     "OPDTrainer",
     "PrivilegedTeacherMixin",
+    "ProbeCallback",
     "SparseOPDConfig",
     "SparseOPDTrainer",
     "UpdateNormCallback",

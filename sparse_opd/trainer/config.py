@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
+from ..masks.budget import parse_block_weights
+
 MASK_STRATEGIES = ("gradient", "file", "diff", "probe", "near_zero", "random")
 GRADIENT_STATISTICS = ("snr", "fisher", "mean")
 
@@ -40,14 +42,14 @@ class SparseOPDConfig(DistillationConfig):
         mask_density (`float`, *optional*, defaults to `0.01`): fraction of the targeted weight entries to train, for
             `"probe"`, `"near_zero"` and `"random"`.
         mask_block_weights (`str`, *optional*, defaults to `"ffn"`): how the budget splits between blocks: `"ffn"`
-            (FFN-heavy, as OPD's own updates) or `"uniform"`.
+            (FFN-heavy, as OPD's own updates), `"uniform"` or a JSON object such as `'{"ffn": 2.0}'`.
         mask_target_modules (`list[str]`, *optional*): modules to consider (default: every linear layer but the
             output head).
         mask_probe_steps (`int`, *optional*, defaults to `8`): dense OPD steps of the `"probe"` strategy.
         mask_probe_learning_rate (`float`, *optional*, defaults to `1e-6`): learning rate of those dense steps (a
             full fine-tuning rate, unlike `learning_rate`, which is for the sparse values).
         mask_probe_statistic (`str`, *optional*, defaults to `"update"`): statistic the probe ranks coordinates by
-            (see `sparse_opd.masks.ProbeCallback`).
+            (see `sparse_opd.trainer.probe.ProbeCallback`).
         mask_seed (`int`, *optional*, defaults to `0`): seed of `"random"`.
         mask_save_path (`str`, *optional*): also write the mask the strategy built to this file (`SparseMask.save`),
             e.g. to reuse a probe's mask under FSDP / ZeRO-3 with `mask_strategy="file"`.
@@ -114,7 +116,9 @@ class SparseOPDConfig(DistillationConfig):
         metadata={"help": "Fraction of targeted weight entries to train ('probe', 'near_zero', 'random')."},
     )
     mask_block_weights: str = field(
-        default="ffn", metadata={"help": "Budget split between blocks: 'ffn' (FFN-heavy) or 'uniform'."}
+        default="ffn",
+        metadata={"help": "Budget split between blocks: 'ffn' (FFN-heavy), 'uniform' or a JSON object like "
+                          "'{\"ffn\": 2.0}'."},
     )
     mask_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules to consider for the mask (default: all linear layers but the head)."}
@@ -185,8 +189,10 @@ class SparseOPDConfig(DistillationConfig):
             raise ValueError(f"mask_density must be in (0, 1], got {self.mask_density}")
         if self.mask_diff_threshold < 0:
             raise ValueError(f"mask_diff_threshold must be >= 0, got {self.mask_diff_threshold}")
-        if self.mask_block_weights not in ("ffn", "uniform"):
-            raise ValueError(f"mask_block_weights must be 'ffn' or 'uniform', got {self.mask_block_weights!r}")
+        try:
+            self.mask_block_weights = parse_block_weights(self.mask_block_weights)
+        except ValueError as err:
+            raise ValueError(f"mask_block_weights: {err}") from None
         if self.mask_probe_steps < 1:
             raise ValueError(f"mask_probe_steps must be >= 1, got {self.mask_probe_steps}")
         if self.mask_gradient_steps < 1:

@@ -1,17 +1,12 @@
-"""Mask strategies of `SparseOPDConfig`: build the `SparseDeltaConfig` a sparse OPD run trains, from a mask file,
-a checkpoint diff, a short dense probe, or a prior."""
+"""Mask strategies of `SparseOPDConfig`: build the `SparseDeltaConfig` a sparse OPD run trains, from gradient
+discovery (`discovery.py`), a mask file, a checkpoint diff, the AdamW probe (`probe.py`), or a prior."""
 
 from __future__ import annotations
 
-import copy
-import tempfile
-
-import torch
 from accelerate.utils import DistributedType
 
-from ..masks import ProbeCallback, SparseMask, near_zero_mask, random_mask
+from ..masks import SparseMask
 from ..tuner import SparseDeltaConfig
-from .progress import PhaseProgress
 
 
 def sharded_launch(args) -> str | None:
@@ -67,22 +62,10 @@ def peft_config_from_strategy(model, teacher_model, args, train_dataset, process
         return SparseDeltaConfig(mask=gradient_placeholder(model, args))
     if strategy == "file":
         return SparseDeltaConfig(mask=SparseMask.load(args.mask_path))
-    if strategy == "near_zero":
-        return SparseDeltaConfig(
-            mask=near_zero_mask(
-                model, density=args.mask_density, block_weights=args.mask_block_weights, target_modules=target
-            )
-        )
-    if strategy == "random":
-        return SparseDeltaConfig(
-            mask=random_mask(
-                model,
-                density=args.mask_density,
-                block_weights=args.mask_block_weights,
-                target_modules=target,
-                seed=args.mask_seed,
-            )
-        )
+    if strategy in ("near_zero", "random"):  # the tuner draws the prior when the adapter is injected
+        return SparseDeltaConfig(mask_init=strategy, mask_density=args.mask_density,
+                                 mask_block_weights=args.mask_block_weights, mask_seed=args.mask_seed,
+                                 target_modules=target)
     if strategy == "diff":
         mask = SparseMask.from_diff(
             args.mask_diff_base, args.mask_diff_tuned, threshold=args.mask_diff_threshold, target_modules=target
@@ -95,60 +78,7 @@ def peft_config_from_strategy(model, teacher_model, args, train_dataset, process
             )
         return SparseDeltaConfig(mask=mask)
     if strategy == "probe":
+        from .probe import probe_mask
+
         return SparseDeltaConfig(mask=probe_mask(model, teacher_model, args, train_dataset, processing_class))
     raise ValueError(f"unknown mask_strategy {strategy!r}")
-
-
-def probe_mask(model, teacher_model, args, train_dataset, processing_class) -> SparseMask:
-    """Run `mask_probe_steps` dense OPD steps with a `ProbeCallback`, take its mask, restore the weights exactly.
-
-    The dense steps run on float32 weights, whatever the model's dtype: a bf16 weight cannot hold a step of a
-    full-fine-tuning learning rate except near zero, so a bf16 probe would only rediscover the near-zero prior. The
-    model's own tensors (dtype and bits) are put back afterwards.
-    """
-    from .opd_trainer import OPDTrainer
-
-    check_strategy(args, train_dataset)
-    # float32 tensors are trained in place, so they are copied; the others are replaced by `.float()` copies
-    saved = {name: tensor.data.clone() if tensor.dtype == torch.float32 else tensor.data
-             for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
-    model.float()
-    probe = ProbeCallback(statistic=args.mask_probe_statistic, target_modules=args.mask_target_modules)
-    try:
-        with tempfile.TemporaryDirectory(prefix="sparse-opd-probe-") as tmp:
-            progress = [] if args.disable_tqdm else [PhaseProgress("discovery")]
-            trainer = OPDTrainer(
-                model=model,
-                teacher_model=teacher_model,
-                args=_probe_args(args, tmp),
-                train_dataset=train_dataset,
-                processing_class=processing_class,
-                callbacks=[probe, *progress],
-            )
-            PhaseProgress.replace_default(trainer)  # the probe's own log lines are not the user's
-            trainer.train()
-        return probe.to_mask(density=args.mask_density, block_weights=args.mask_block_weights)
-    finally:
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            tensor.data = saved[name]
-            if isinstance(tensor, torch.nn.Parameter):
-                tensor.grad = None
-
-
-def _probe_args(args, output_dir: str):
-    probe_args = copy.deepcopy(args)
-    for key, value in {
-        "output_dir": output_dir,
-        "max_steps": args.mask_probe_steps,
-        "learning_rate": args.mask_probe_learning_rate,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": [],
-        "push_to_hub": False,
-        "logging_steps": args.mask_probe_steps,
-        "mask_strategy": None,
-        "log_weight_stats": False,
-        "log_rollout_mismatch": False,
-    }.items():
-        setattr(probe_args, key, value)
-    return probe_args

@@ -23,7 +23,7 @@ from peft import PeftConfig
 from torch import nn
 from trl import DistillationTrainer
 
-from ..tuner import SparseDeltaConfig, SparseDeltaLayer, merged_sparse_delta
+from ..tuner import SparseDeltaConfig, SparseDeltaLayer, adapter_mask, merged_sparse_delta
 from .config import SparseOPDConfig
 from .discovery import GradientDiscovery, adopt_checkpoint_mask
 from .mask_strategies import check_strategy, peft_config_from_strategy
@@ -82,10 +82,7 @@ def _student_and_adapter_config(model, teacher_model, args, train_dataset, proce
     check_strategy(args, train_dataset)
     if args.mask_strategy in ("gradient", "probe", "near_zero", "random") and isinstance(model, str):
         model = load_student(model, args, quantization_config)
-    peft_config = peft_config_from_strategy(model, teacher_model, args, train_dataset, processing_class)
-    if args.mask_save_path and args.mask_strategy != "gradient" and args.distributed_state.is_main_process:
-        peft_config.mask.save(args.mask_save_path)  # "gradient" saves it once discovered, when training starts
-    return model, peft_config
+    return model, peft_config_from_strategy(model, teacher_model, args, train_dataset, processing_class)
 
 
 class SparseOPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTrainer):
@@ -160,6 +157,8 @@ class SparseOPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTr
         self._update_norms = UpdateNormCallback(self.adapter_name)
         if args.log_weight_stats:
             self.add_callback(self._update_norms)
+        if args.mask_save_path and args.mask_strategy not in (None, "gradient") and self.is_world_process_zero():
+            adapter_mask(self.model, self.adapter_name).save(args.mask_save_path)  # "gradient": once discovered
         self.discovery = None
         if args.mask_strategy == "gradient":
             # first among the callbacks: its on_train_begin moves the adapter before anything reads it

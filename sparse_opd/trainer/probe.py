@@ -1,4 +1,5 @@
-"""A probe mask: per-coordinate statistics of a few full-parameter steps of any `transformers.Trainer`.
+"""The AdamW probe: per-coordinate statistics of a few full-parameter steps of any `transformers.Trainer`, and the
+`mask_strategy="probe"` that runs it (full fine-tuning memory; one process or DDP).
 
 Add `ProbeCallback` to a Trainer (SFT, GRPO, distillation, `SparseOPDTrainer` in dense mode, ...), train a few steps,
 then keep the top coordinates under a budget with `to_mask`. Statistics, accumulated per targeted weight:
@@ -12,15 +13,17 @@ then keep the top coordinates under a budget with `to_mask`. Statistics, accumul
 
 from __future__ import annotations
 
+import copy
+import tempfile
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .budget import allocate_budget
-from .sparse_mask import SparseMask
-from .targets import linear_modules, stored_weight
+from ..masks.sparse_mask import SparseMask
+from ..masks.targets import linear_modules, stored_weight
+from ..masks.top_k import top_k_mask
 
 STATISTICS = ("update", "grad", "adam")
 
@@ -94,9 +97,58 @@ class ProbeCallback(TrainerCallback):
         return top_k_mask(scores, density=density, total=total, block_weights=block_weights)
 
 
-def top_k_mask(scores: Mapping[str, torch.Tensor], density=None, total=None, block_weights="ffn") -> SparseMask:
-    """Per module, the coordinates with the largest score, with counts from `allocate_budget`."""
-    shapes = {name: tuple(s.shape) for name, s in scores.items()}
-    counts = allocate_budget(shapes, density=density, total=total, block_weights=block_weights)
-    indices = {name: torch.topk(s.reshape(-1), counts[name]).indices.cpu() for name, s in scores.items()}
-    return SparseMask(indices, shapes)
+def probe_mask(model, teacher_model, args, train_dataset, processing_class) -> SparseMask:
+    """Run `mask_probe_steps` dense OPD steps with a `ProbeCallback`, take its mask, restore the weights exactly.
+
+    The dense steps run on float32 weights, whatever the model's dtype: a bf16 weight cannot hold a step of a
+    full-fine-tuning learning rate except near zero, so a bf16 probe would only rediscover the near-zero prior. The
+    model's own tensors (dtype and bits) are put back afterwards.
+    """
+    from .mask_strategies import check_strategy
+    from .opd_trainer import OPDTrainer
+    from .progress import PhaseProgress
+
+    check_strategy(args, train_dataset)
+    # float32 tensors are trained in place, so they are copied; the others are replaced by `.float()` copies
+    saved = {name: tensor.data.clone() if tensor.dtype == torch.float32 else tensor.data
+             for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+    model.float()
+    probe = ProbeCallback(statistic=args.mask_probe_statistic, target_modules=args.mask_target_modules)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sparse-opd-probe-") as tmp:
+            progress = [] if args.disable_tqdm else [PhaseProgress("discovery")]
+            trainer = OPDTrainer(
+                model=model,
+                teacher_model=teacher_model,
+                args=_probe_args(args, tmp),
+                train_dataset=train_dataset,
+                processing_class=processing_class,
+                callbacks=[probe, *progress],
+            )
+            PhaseProgress.replace_default(trainer)  # the probe's own log lines are not the user's
+            trainer.train()
+        return probe.to_mask(density=args.mask_density, block_weights=args.mask_block_weights)
+    finally:
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            tensor.data = saved[name]
+            if isinstance(tensor, torch.nn.Parameter):
+                tensor.grad = None
+
+
+def _probe_args(args, output_dir: str):
+    probe_args = copy.deepcopy(args)
+    for key, value in {
+        "output_dir": output_dir,
+        "max_steps": args.mask_probe_steps,
+        "learning_rate": args.mask_probe_learning_rate,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": [],
+        "push_to_hub": False,
+        "logging_steps": args.mask_probe_steps,
+        "mask_strategy": None,
+        "log_weight_stats": False,
+        "log_rollout_mismatch": False,
+    }.items():
+        setattr(probe_args, key, value)
+    return probe_args
