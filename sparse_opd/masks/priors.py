@@ -39,12 +39,15 @@ def prior_indices(how: str, counts: Mapping[str, int], numels: Mapping[str, int]
     return indices
 
 
-def _prior_mask(how, model, density, total, block_weights, target_modules, seed=0) -> SparseMask:
-    modules = linear_modules(model, target_modules)
+def prior_mask(how: str, modules: Mapping[str, nn.Module], density: float | None = None, total: int | None = None,
+               block_weights: str | Mapping[str, float] | None = "ffn", seed: int = 0) -> SparseMask:
+    """The prior mask over ``modules`` (name -> linear layer): the budget split by `allocate_budget`, each module's
+    count drawn by `prior_indices`. The one definition behind `near_zero_mask`, `random_mask` and the tuner's
+    ``mask_init``."""
     shapes = {name: stored_shape(module) for name, module in modules.items()}
     counts = allocate_budget(shapes, density, total, block_weights)
     numels = {name: math.prod(shape) for name, shape in shapes.items()}
-    weights = {name: stored_weight(module) for name, module in modules.items()}
+    weights = {name: stored_weight(module) for name, module in modules.items()} if how == "near_zero" else None
     return SparseMask(prior_indices(how, counts, numels, weights, seed), shapes)
 
 
@@ -56,7 +59,7 @@ def near_zero_mask(
     target_modules=None,
 ) -> SparseMask:
     """Per module, the coordinates with the smallest |W| (OPD's updates favour near-zero source weights)."""
-    return _prior_mask("near_zero", model, density, total, block_weights, target_modules)
+    return prior_mask("near_zero", linear_modules(model, target_modules), density, total, block_weights)
 
 
 def random_mask(
@@ -68,4 +71,4 @@ def random_mask(
     seed: int = 0,
 ) -> SparseMask:
     """Per module, a uniformly random set of coordinates of the budgeted size (reproducible with ``seed``)."""
-    return _prior_mask("random", model, density, total, block_weights, target_modules, seed)
+    return prior_mask("random", linear_modules(model, target_modules), density, total, block_weights, seed)
