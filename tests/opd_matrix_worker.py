@@ -4,14 +4,17 @@ measured to `<out>/<dist>/<cell>/rank<r>.pt`; the test compares ranks and checks
 
     python -m torch.distributed.run --nproc_per_node 2 tests/opd_matrix_worker.py OUT DIST CELL [CELL ...]
 
-DIST is single, ddp, fsdp2 or zero3. A CELL is `dtype-teacher-mask` (e.g. `bf16-base-near_zero`): dtype fp32 or
-bf16; teacher `base` (the student's base weights with the privileged reference solution) or `separate` (a perturbed
-copy, shown the plain prompt); mask `file`, `probe` or `near_zero`. OUT holds `student/`, `teacher/` and
-`mask.safetensors` made by the test.
+DIST is single, ddp, fsdp2 or zero3. A CELL is `dtype-teacher-mask[+variant...]` (e.g. `bf16-base-near_zero`,
+`fp32-separate-file+vllm`): dtype fp32 or bf16; teacher `base` (the student's base weights with the privileged
+reference solution) or `separate` (a perturbed copy, shown the plain prompt); mask `file`, `probe` or `near_zero`.
+Variants: `resume` (a straight run against a resumed one), `vllm` (rollouts from TRL's vLLM server path, the server a
+stand-in that starts from the teacher's weights and samples the student only through the trainer's weight sync).
+OUT holds `student/`, `teacher/` and `mask.safetensors` made by the test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,13 +40,14 @@ STEPS = 4
 def make_args(out, dist, dtype, mask, teacher, **overrides):
     from sparse_opd.trainer import SparseOPDConfig
 
-    fields = dict(
-        output_dir=out, mask_density=0.2, per_device_train_batch_size=2, max_steps=STEPS, logging_steps=1,
-        max_completion_length=6, learning_rate=2e-2 if teacher == "separate" else 2e-3, use_cpu=True, bf16=dtype == "bf16", report_to="none",
-        save_strategy="no", seed=0, dataloader_num_workers=0, model_init_kwargs={"dtype": _dtype(dtype)},
-        teacher_model_init_kwargs={"dtype": _dtype(dtype)} if teacher == "separate" else None,
-        mask_probe_steps=2, mask_probe_learning_rate=1e-3,
-    )
+    fields = {
+        "output_dir": out, "mask_density": 0.2, "per_device_train_batch_size": 2, "max_steps": STEPS,
+        "logging_steps": 1, "max_completion_length": 6, "learning_rate": 2e-2 if teacher == "separate" else 2e-3,
+        "use_cpu": True, "bf16": dtype == "bf16", "report_to": "none", "save_strategy": "no", "seed": 0,
+        "dataloader_num_workers": 0, "model_init_kwargs": {"dtype": _dtype(dtype)},
+        "teacher_model_init_kwargs": {"dtype": _dtype(dtype)} if teacher == "separate" else None,
+        "mask_probe_steps": 2, "mask_probe_learning_rate": 1e-3,
+    }
     fields["mask_strategy"] = mask
     if mask == "file":
         fields["mask_path"] = os.path.join(os.path.dirname(os.path.dirname(out.rstrip("/"))), "mask.safetensors")
@@ -73,24 +77,68 @@ def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
+def parse_cell(cell: str) -> tuple[str, str, str, set[str]]:
+    """`dtype-teacher-mask[+variant...]` -> (dtype, teacher, mask, variants)."""
+    spec, *variants = cell.split("+")
+    dtype, teacher, mask = spec.split("-")
+    return dtype, teacher, mask, set(variants)
+
+
 def make_trainer(root: str, dist: str, cell: str, out: str, **overrides):
     from transformers import AutoTokenizer
 
     from sparse_opd.tasks import arithmetic_dataset
     from sparse_opd.trainer import SparseOPDTrainer
 
-    dtype, teacher, mask = cell.removesuffix("+resume").split("-")
+    dtype, teacher, mask, variants = parse_cell(cell)
+    server = None
+    if "vllm" in variants:
+        overrides = {"use_vllm": True, "vllm_mode": "server", **overrides}
+        server = _server_model(os.path.join(root, "teacher"), dtype)  # before this cell's ZeRO-3 config
     args = make_args(out, dist, dtype, mask, teacher, **overrides)
     if dist == "fsdp2":
         _allow_fsdp_on_cpu(args)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "student"))
     train = arithmetic_dataset("train", 32, 1)
-    trainer = SparseOPDTrainer(
-        model=os.path.join(root, "student"),  # by path, as TRL users pass it (ZeRO-3 builds it under zero.Init)
-        teacher_model=os.path.join(root, "teacher") if teacher == "separate" else None,
-        args=args, train_dataset=train, processing_class=tokenizer,
-    )
+    with _stand_in_vllm(server) if "vllm" in variants else _nothing():
+        trainer = SparseOPDTrainer(
+            model=os.path.join(root, "student"),  # by path, as TRL users pass it (ZeRO-3 builds it under zero.Init)
+            teacher_model=os.path.join(root, "teacher") if teacher == "separate" else None,
+            args=args, train_dataset=train, processing_class=tokenizer,
+        )
     return trainer, train
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def _server_model(path: str, dtype: str):
+    """The stand-in vLLM server's own model (main process only), a separate process's in real life."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # an earlier cell's ZeRO-3 config would build it partitioned (a collective)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, _dtype(dtype)))
+
+
+@contextlib.contextmanager
+def _stand_in_vllm(server_model):
+    """TRL's `VLLMGeneration` with a stand-in server (tests/vllm_stand_in.py) whose model starts from other weights
+    (the teacher's): it samples the student only if the trainer's weight sync works."""
+    import trl.trainer.distillation_trainer as distillation
+    from vllm_stand_in import stand_in_generation
+
+    saved = distillation.is_vllm_available, distillation.VLLMGeneration
+    distillation.is_vllm_available = lambda: True
+    distillation.VLLMGeneration = stand_in_generation(lambda: server_model)
+    try:
+        yield
+    finally:
+        distillation.is_vllm_available, distillation.VLLMGeneration = saved
 
 
 def run_resume(root: str, dist: str, cell: str) -> dict:
@@ -105,7 +153,7 @@ def run_resume(root: str, dist: str, cell: str) -> dict:
 
 
 def run_cell(root: str, dist: str, cell: str) -> dict:
-    if cell.endswith("+resume"):
+    if "resume" in parse_cell(cell)[3]:
         return run_resume(root, dist, cell)
     out = os.path.join(root, dist, cell)
     trainer, train = make_trainer(root, dist, cell, out)
@@ -125,6 +173,10 @@ def run_cell(root: str, dist: str, cell: str) -> dict:
     result["logits"] = _logits(trainer)
     trainer.save_model(os.path.join(out, "adapter"))
     result["values"] = _gathered_values(model, trainer.adapter_name)
+    if trainer.use_vllm:
+        server = getattr(trainer.vllm_generation, "server", None)
+        result["vllm"] = {"sync_bytes": list(trainer.vllm_generation.sync_weights.sync_bytes),
+                          "synced": server.synced if server is not None else None}  # the server: main process
     return result
 
 
@@ -213,7 +265,7 @@ def main(out: str, dist: str, cells: list[str]) -> None:
 
         deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
     for cell in cells:
         result = run_cell(out, dist, cell)
         os.makedirs(os.path.join(out, dist, cell), exist_ok=True)

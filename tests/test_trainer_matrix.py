@@ -24,12 +24,14 @@ import torch
 pytest.importorskip("deepspeed")
 
 WORKER = Path(__file__).with_name("opd_matrix_worker.py")
+STEPS = 4  # opd_matrix_worker.STEPS
 LAUNCHES = {  # distribution -> cells (dtype-teacher-mask); `+resume` cells check resuming instead
     "single": ["fp32-base-file", "fp32-base-probe", "fp32-separate-near_zero", "bf16-separate-file",
                "fp32-base-file+resume"],
     "ddp": ["fp32-base-probe", "fp32-separate-file", "bf16-base-near_zero", "fp32-separate-file+resume"],
     "fsdp2": ["fp32-base-near_zero", "fp32-separate-file", "bf16-base-file", "fp32-separate-file+resume"],
-    "zero3": ["fp32-base-near_zero", "fp32-separate-file", "bf16-separate-near_zero", "fp32-separate-file+resume"],
+    "zero3": ["fp32-base-near_zero", "fp32-separate-file", "bf16-separate-near_zero", "fp32-separate-file+resume",
+              "fp32-separate-file+vllm"],
 }
 CELLS = [(dist, cell) for dist, cells in LAUNCHES.items() for cell in cells]
 
@@ -99,13 +101,21 @@ def _base_model(root: Path, dtype: str):
 
 @pytest.mark.parametrize("dist, cell", CELLS, ids=[f"{d}-{c}" for d, c in CELLS])
 def test_cell(matrix, dist, cell):
-    ranks = _ranks(matrix, dist, cell)
-    if cell.endswith("+resume"):
+    check_cell(matrix, dist, cell)
+
+
+def check_cell(root: Path, dist: str, cell: str) -> None:
+    """Every property of one cell, from what each rank wrote (also used by benchmarks/gpu_check.py)."""
+    from opd_matrix_worker import parse_cell
+
+    ranks = _ranks(root, dist, cell)
+    dtype, _, _, variants = parse_cell(cell)
+    if "resume" in variants:
         for result in ranks:
             for name, values in result["straight"].items():
                 assert torch.equal(values, result["resumed"][name]), f"{name}: resuming changed the values"
         return
-    dtype = "bfloat16" if cell.startswith("bf16") else "float32"
+    dtype = "bfloat16" if dtype == "bf16" else "float32"
     first = ranks[0]
     losses = [h["loss"] for h in first["log"]]
     assert losses and all(math.isfinite(x) for x in losses)
@@ -117,9 +127,11 @@ def test_cell(matrix, dist, cell):
         for name, values in first["values"].items():
             assert torch.equal(values, other["values"][name]), f"{name}: values differ between ranks"
         assert torch.equal(other["logits"], first["logits"])
-    _only_masked_coordinates_moved(matrix, first, dtype)
-    _reloads_with_the_same_logits(matrix, dist, cell, first, dtype)
+    _only_masked_coordinates_moved(root, first, dtype)
+    _reloads_with_the_same_logits(root, dist, cell, first, dtype)
     _rollouts_match_the_training_forward(first, dtype)
+    if "vllm" in variants:
+        _the_server_received_the_policy(first)
 
 
 def _only_masked_coordinates_moved(root, result, dtype):
@@ -152,3 +164,15 @@ def _rollouts_match_the_training_forward(result, dtype):
     assert gaps, "the rollout/training mismatch was not logged"
     bound = 1e-5 if dtype == "float32" else 2.0**-6 * float(result["logits"].abs().max())
     assert max(gaps) <= bound, f"sampled-token log-probabilities differ by {max(gaps):.3g} > {bound:.3g}"
+
+
+def _the_server_received_the_policy(result):
+    """The stand-in vLLM server started from other weights (the teacher's); the rollout check above shows it sampled
+    the student at every step, so every sync arrived. Here: the first sync sent the whole model, later ones only the
+    adapted weights, once per optimizer step (plus the probe's generation before training)."""
+    synced, sent = result["vllm"]["synced"], result["vllm"]["sync_bytes"]
+    adapted = {name.removeprefix("base_model.model.") + ".weight" for name in result["indices"]}
+    assert len(synced) == len(sent) == STEPS, (len(synced), len(sent))
+    assert synced[0] == set(result["merged"]), "the first sync sends every weight"
+    assert all(names == adapted for names in synced[1:]), "later syncs send only the adapted weights"
+    assert all(b < sent[0] for b in sent[1:])

@@ -46,9 +46,10 @@ def compose_merged_weight(module: SparseDeltaLayer, weight: torch.Tensor | None 
     flat = merged.view(-1)
     for adapter in adapters:
         indices = module.sparse_delta_indices[adapter].to(flat.device)
-        values = module.sparse_delta_values[adapter].detach().to(flat.device)
-        with gathered([values]) as (values,):
-            flat[indices] = merged_entries(flat[indices], values)
+        # Gather the parameter itself: a detached ZeRO-3 parameter is a plain tensor holding this rank's (usually
+        # empty) partition, which `gathered` cannot recognise.
+        with gathered([module.sparse_delta_values[adapter]]) as (values,):
+            flat[indices] = merged_entries(flat[indices], values.detach().to(flat.device))
     return merged
 
 
