@@ -79,7 +79,7 @@ def gradient_scores(data, batches: int) -> tuple[dict[str, dict[str, torch.Tenso
         trainer = SparseOPDTrainer(model=model, args=_args(out, mask_strategy="gradient", mask_gradient_steps=batches),
                                    train_dataset=data, processing_class=tokenizer)
         started = time.perf_counter()
-        stats, tokens, micro = trainer.discovery.collect(trainer.get_train_dataloader())
+        stats, tokens, micro = trainer.discovery.collect(trainer.get_train_dataloader(), statistics=STATISTICS)
         seconds = time.perf_counter() - started
     out = {}
     for statistic in STATISTICS:

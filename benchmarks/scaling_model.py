@@ -15,6 +15,11 @@ the base in bf16 and sharding over all ranks (FSDP2 / ZeRO-3):
   generation path has run;
 - gradient traffic per step: a reduce-scatter of the trainable gradients (fp32 for adapters, bf16 for full);
   ZeRO-3/FSDP2 also all-gather the bf16 base weights once in forward and once in backward (the same for all methods);
+- gradient discovery (`mask_strategy="gradient"`) runs on the training adapter before its first step: the sparse
+  training state, + two fp32 accumulators per adapted weight entry, reduce-scattered over the ranks (8 B / ranks),
+  + one gradient block in flight (`grad_block_elements`, 2^24 entries: 64 MiB, and its reduce-scattered slice);
+  the AdamW probe (`mask_strategy="probe"`) cannot shard: full fine-tuning's 16 B/param on one device, + a 4 B/entry
+  copy of the starting adapted weights;
 - vLLM sync per rollout round: TRL sends every parameter in bf16 for full fine-tuning and for PEFT adapters (it merges,
   reads the whole model, unmerges); sparse-opd sends only the adapted weights after the first sync (dense), or, to an
   engine that scatters coordinates (`sparse_payload`), only the k merged values in bf16 (2 B each).
@@ -30,6 +35,7 @@ import sys
 import tempfile
 
 GiB = 1024**3
+BLOCK_ELEMENTS = 1 << 24  # SparseDeltaConfig.grad_block_elements: the largest gradient block formed at once
 SHAPES = {
     "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
@@ -68,9 +74,13 @@ def per_rank(shapes: dict, ranks: int, density: float = 0.01) -> dict:
                                            sync_bytes=2 * params, sync_later=2 * adapted),
     }
     rows[f"SparseDelta {density:.0%}"].update(generation_extra=4 * k, sync_coordinates=2 * k, sync_indices_once=8 * k)
+    block = 4 * BLOCK_ELEMENTS * (1 + 1 / ranks)
+    sparse_memory = rows[f"SparseDelta {density:.0%}"]["memory"]
+    discovery = {"gradient discovery (then SparseDelta)": dict(memory=sparse_memory + 8 * adapted / ranks + block),
+                 "AdamW probe (one device, cannot shard)": dict(memory=16 * params + 4 * adapted)}
     for row in rows.values():
         row["gather_bytes"] = 2 * 2 * params  # ZeRO-3 / FSDP2: bf16 base all-gathered in forward and backward
-    return {"params": params, "adapted": adapted, "k": k, "rows": rows}
+    return {"params": params, "adapted": adapted, "k": k, "rows": rows, "discovery": discovery}
 
 
 def table(name: str, ranks: int, density: float) -> str:
@@ -87,7 +97,10 @@ def table(name: str, ranks: int, density: float) -> str:
                      f"{row['grads_bytes'] / GiB:.3f} | {row['gather_bytes'] / GiB:.2f} | {sync} |")
     sparse = result["rows"][f"SparseDelta {density:.0%}"]
     lines += ["", f"SparseDelta's replicated coordinates: {9 * result['k'] / GiB:.2f} GiB per rank (int64 indices + "
-              f"stream), + {sparse['generation_extra'] / GiB:.2f} GiB of CSR pattern once generation has run."]
+              f"stream), + {sparse['generation_extra'] / GiB:.2f} GiB of CSR pattern once generation has run.", "",
+              "| mask discovery | per-rank memory (GiB) | vs SparseDelta training |", "|---|---:|---:|"]
+    for method, row in result["discovery"].items():
+        lines.append(f"| {method} | {row['memory'] / GiB:.2f} | {row['memory'] / sparse['memory']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -67,7 +67,7 @@ def test_top_k_indices_refuses_bad_scores_and_budgets():
 def test_gradient_statistics_are_the_formulas_over_micro_batches():
     gen = torch.Generator().manual_seed(0)
     grads = torch.randn(5, 6, 4, generator=gen)  # 5 micro-batches of a 6 x 4 weight gradient
-    stats = GradientStatistics({"w": (6, 4)})
+    stats = GradientStatistics({"w": (6, 4)}, statistics=("snr",))
     observe = stats.observer("w")
     for g in grads:
         observe(0, g[:4])  # two row blocks, as the layer's backward hands them over
@@ -76,10 +76,11 @@ def test_gradient_statistics_are_the_formulas_over_micro_batches():
     mean, rms = grads.mean(0).reshape(-1), grads.pow(2).mean(0).sqrt().reshape(-1)
     expected = {"snr": mean.abs() / (rms + 1e-8), "fisher": rms**2, "mean": mean.abs()}
     for statistic, reference in expected.items():
-        fresh = GradientStatistics({"w": (6, 4)})
+        fresh = GradientStatistics({"w": (6, 4)}, statistics=(statistic,))
         for g in grads:
             fresh.observer("w")(0, g[:4])
             fresh.observer("w")(4, g[4:])
+        assert fresh.accumulator_bytes() == 6 * 4 * (8 if statistic == "snr" else 4)
         pieces = fresh.scores(statistic)["w"]
         assert [start for start, _ in pieces] == [0, 16]
         torch.testing.assert_close(torch.cat([s for _, s in pieces]), reference, rtol=1e-5, atol=1e-7)

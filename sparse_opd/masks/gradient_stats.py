@@ -2,9 +2,10 @@
 
 `GradientStatistics` receives each adapted weight's gradient one row block at a time, while backward produces it (see
 `SparseDeltaLayer.set_weight_grad_observer`), and adds the block into two float32 accumulators per coordinate:
-``s1 = sum_t g_t`` and ``s2 = sum_t g_t^2`` over the observed micro-batches ``t``. With several ranks each block is
-summed over the ranks by a reduce-scatter, and each rank keeps only its slice of every block: 8 bytes per adapted
-weight entry divided by the number of ranks, plus one block in flight. No optimizer state, no copy of the weights.
+``s1 = sum_t g_t`` and ``s2 = sum_t g_t^2`` over the observed micro-batches ``t`` (only the one a statistic needs:
+``"fisher"`` and ``"mean"`` keep one). With several ranks each block is summed over the ranks by a reduce-scatter, and
+each rank keeps only its slice of every block: 8 bytes per adapted weight entry (4 with one accumulator) divided by
+the number of ranks, plus one block in flight. No optimizer state, no copy of the weights.
 
 Scores (`STATISTICS`), with ``n`` micro-batches, ``mean = s1 / n`` and ``rms = sqrt(s2 / n)``:
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 STATISTICS = ("snr", "fisher", "mean")
-ACCUMULATOR_BYTES = 8  # two float32 accumulators per coordinate (divided by the ranks when sharded)
+NEEDS = {"snr": ("s1", "s2"), "fisher": ("s2",), "mean": ("s1",)}  # the accumulators each statistic reads
 
 
 @dataclass
@@ -31,8 +32,8 @@ class _Slice:
 
     start: int
     length: int
-    s1: torch.Tensor
-    s2: torch.Tensor
+    s1: torch.Tensor | None
+    s2: torch.Tensor | None
 
 
 @dataclass
@@ -47,10 +48,15 @@ class GradientStatistics:
 
     ``group``: the process group to sum over (None: the default group when torch.distributed is initialized, else
     a single process). Every rank must observe the same blocks in the same order (backward does, for models whose
-    every adapted layer runs on every rank).
+    every adapted layer runs on every rank). ``statistics``: the scores that will be asked for (their accumulators
+    are kept, no others).
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], group=None):
+    def __init__(self, shapes: dict[str, tuple[int, int]], group=None, statistics=STATISTICS):
+        unknown = [s for s in statistics if s not in STATISTICS]
+        if unknown:
+            raise ValueError(f"statistics must be among {STATISTICS}, got {unknown}")
+        self.kept = {acc for s in statistics for acc in NEEDS[s]}
         self.modules = {name: _Module(tuple(shape)) for name, shape in shapes.items()}
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.group = group
@@ -82,9 +88,12 @@ class GradientStatistics:
         entry = module.slices.get(first_row)
         if entry is None:
             start = first_row * module.shape[1] + self.rank * chunk
-            entry = module.slices[first_row] = _Slice(start, length, torch.zeros_like(part), torch.zeros_like(part))
-        entry.s1.add_(part)
-        entry.s2.addcmul_(part, part)
+            s1, s2 = (torch.zeros_like(part) if acc in self.kept else None for acc in ("s1", "s2"))
+            entry = module.slices[first_row] = _Slice(start, length, s1, s2)
+        if entry.s1 is not None:
+            entry.s1.add_(part)
+        if entry.s2 is not None:
+            entry.s2.addcmul_(part, part)
         if first_row == 0:
             module.samples += 1
 
@@ -95,7 +104,8 @@ class GradientStatistics:
 
     def accumulator_bytes(self) -> int:
         """Bytes held by this rank's accumulators."""
-        return sum(s.s1.numel() * s.s1.element_size() * 2 for m in self.modules.values() for s in m.slices.values())
+        return sum(t.numel() * t.element_size() for m in self.modules.values() for s in m.slices.values()
+                   for t in (s.s1, s.s2) if t is not None)
 
     def scores(self, statistic: str = "snr", eps: float = 1e-8,
                keep: bool = False) -> dict[str, list[tuple[int, torch.Tensor]]]:
@@ -104,6 +114,8 @@ class GradientStatistics:
         (scores on copies: several statistics from one pass, for comparisons)."""
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        if not set(NEEDS[statistic]) <= self.kept:
+            raise ValueError(f"statistic {statistic!r} needs accumulators that were not kept (statistics=...)")
         out = {}
         for name, module in self.modules.items():
             n = module.samples
@@ -111,7 +123,8 @@ class GradientStatistics:
                 raise ValueError(f"{name}: no gradient was observed; did every adapted layer take part in the loss?")
             slices = []
             for entry in sorted(module.slices.values(), key=lambda e: e.start):
-                s1, s2 = (entry.s1.clone(), entry.s2.clone()) if keep else (entry.s1, entry.s2)
+                s1, s2 = ((t.clone() if t is not None else None for t in (entry.s1, entry.s2)) if keep
+                          else (entry.s1, entry.s2))
                 if statistic == "snr":
                     s1.abs_().div_(s2.div_(n).sqrt_().add_(eps)).div_(n)
                 elif statistic == "fisher":
@@ -125,8 +138,3 @@ class GradientStatistics:
                 module.slices = {}
             out[name] = slices
         return out
-
-
-def bytes_per_parameter(world_size: int = 1) -> float:
-    """Accumulator bytes per adapted weight entry on each rank."""
-    return ACCUMULATOR_BYTES / max(1, world_size)

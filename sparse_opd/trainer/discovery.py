@@ -100,13 +100,14 @@ class GradientDiscovery(TrainerCallback):
             return None
         return torch.distributed.new_group()  # its own communicator, beside the engines' collectives
 
-    def collect(self, dataloader, group=None) -> tuple[GradientStatistics, int, int]:
-        """Score `steps` generation batches of ``dataloader``: the statistics, completion tokens scored (this rank)
-        and micro-batches."""
+    def collect(self, dataloader, group=None, statistics=None) -> tuple[GradientStatistics, int, int]:
+        """Score `steps` generation batches of ``dataloader``: the statistics (the accumulators of ``statistics``,
+        default the discovery's own), completion tokens scored (this rank) and micro-batches."""
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
         layers = {normalize_module_name(n): m for n, m in sparse_delta_layers(model, trainer.adapter_name).items()}
-        stats = GradientStatistics({n: layer.weight_shape for n, layer in layers.items()}, group=group)
+        stats = GradientStatistics({n: layer.weight_shape for n, layer in layers.items()}, group=group,
+                                   statistics=statistics or (self.statistic,))
         tokens_seen = trainer.state.num_input_tokens_seen
         values = [p for layer in layers.values() for p in layer.sparse_delta_values.parameters() if p.requires_grad]
         for name, layer in layers.items():
