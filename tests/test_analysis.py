@@ -175,6 +175,7 @@ def test_alignment_sweep_matches_single_r_and_saturates_inside_the_subspace():
         assert sweep[r] == pytest.approx(single)
     assert sweep[8]["both"] == pytest.approx(1.0) and sweep[20]["both"] == pytest.approx(1.0)
     assert sweep[1]["both"] < sweep[4]["both"] < 1.0
+    assert all(0.0 <= sweep[r][k] <= 1.0 for r in sweep for k in ("left", "right", "both")), "a share above 1"
     row = analyze_matrix("model.layers.0.mlp.up_proj", w, d * 1e-3)
     assert row["align_both_f0.1"] == pytest.approx(1.0)  # r = 8 = 0.1 * 80
     assert row["expected_align_both_f0.25"] == pytest.approx(20 * 20 / (96 * 80))

@@ -174,15 +174,26 @@ def alignment_sweep(u: torch.Tensor, v: torch.Tensor, d: torch.Tensor, ranks) ->
     total = energy(d)
     m, n = d.shape
     r_max = max(ranks)
-    u_max, v_max = u[:, :r_max].to(d.dtype), v[:, :r_max].to(d.dtype)
-    left = (u_max.T @ d).double()  # (r_max, n)
+    u_max, v_max = u[:, :r_max].double(), v[:, :r_max].double()
+    # float64 products over row blocks of D (no float64 copy of D): a float32 product accumulated with another CPU's
+    # kernels put a share at 1.0000011
+    left = torch.zeros(r_max, n, dtype=torch.float64)
+    right_cols = torch.zeros(r_max, dtype=torch.float64)
+    row = 0
+    for block in row_blocks(d):
+        b = block.double()
+        left += u_max[row:row + b.shape[0]].T @ b
+        right_cols += (b @ v_max).pow_(2).sum(0)
+        row += b.shape[0]
     left_rows = left.pow(2).sum(1).cumsum(0)
-    right_cols = (d @ v_max).pow_(2).sum(0, dtype=torch.float64).cumsum(0)
-    both = (left @ v_max.double()).pow(2)  # (r_max, r_max)
+    right_cols = right_cols.cumsum(0)
+    both = (left @ v_max).pow(2)  # (r_max, r_max)
     out = {}
     for r in ranks:
         shares = (float(left_rows[r - 1]), float(right_cols[r - 1]), float(both[:r, :r].sum()))
-        out[r] = {key: value / total if total else 0.0 for key, value in zip(("left", "right", "both"), shares)}
+        # a share of an energy is at most 1; singular vectors orthonormal only to rounding could exceed it
+        out[r] = {key: min(1.0, value / total) if total else 0.0 for key, value in zip(("left", "right", "both"),
+                                                                                        shares)}
         out[r].update(expected_left=r / m, expected_right=r / n, expected_both=r * r / (m * n))
     return out
 
