@@ -2,7 +2,8 @@
 
 Importing this package registers the ``SPARSE_DELTA`` method with PEFT, so ``get_peft_model``,
 ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` accept sparse-delta adapters. The trainer classes
-(``SparseOPDConfig``, ``SparseOPDTrainer``, ``OPDTrainer``) load TRL on first use, so the tuner alone never imports it.
+(``OPDConfig``, ``OPDTrainer``, ``SparseOPDConfig``, ``SparseOPDTrainer``) load TRL on first use, so the tuner alone
+never imports it.
 """
 
 import logging
@@ -23,10 +24,10 @@ from .tuner import SparseDeltaConfig, SparseDeltaLayer, SparseDeltaModel, adapte
 
 __version__ = "0.1.0"
 
-_TRAINER_NAMES = ("SparseOPDConfig", "SparseOPDTrainer", "OPDTrainer")
+_TRAINER_NAMES = ("OPDConfig", "OPDTrainer", "SparseOPDConfig", "SparseOPDTrainer")
 
-__all__ = ["SparseDeltaConfig", "SparseDeltaLayer", "SparseDeltaModel", "SparseMask", "adapter_mask", "__version__",
-           *_TRAINER_NAMES]
+__all__ = ["OPDConfig", "OPDTrainer", "SparseDeltaConfig", "SparseDeltaLayer", "SparseDeltaModel", "SparseMask",
+           "SparseOPDConfig", "SparseOPDTrainer", "__version__", "adapter_mask"]
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from peft import get_peft_model
-from test_trainer_support import tiny_llama, tiny_tokenizer
+from test_trainer_support import tiny_gpt2, tiny_llama, tiny_tokenizer
 from trl import DistillationTrainer
 
 import sparse_opd
@@ -686,3 +686,34 @@ def test_bf16_rollouts_come_from_the_trained_policy_not_a_rounded_merge(tokenize
         for layer in layers:
             layer.unmerge()
     assert (rounded - train).norm() / effect > 0.5, "a bf16 merge should lose most of this delta"
+
+
+def dropout_student(tokenizer, arch: str, rate: float = 0.1):
+    """A student with dropout live in train mode: GPT-2's `nn.Dropout` modules, or Llama's float attention rate."""
+    if arch == "gpt2":
+        return tiny_gpt2(tokenizer, dropout=rate)
+    student = tiny_llama(tokenizer)
+    student.config.attention_dropout = rate
+    for layer in student.model.layers:
+        layer.self_attn.attention_dropout = rate
+    return student
+
+
+def logged_gaps(trainer) -> list[float]:
+    return [h["rollout/logp_abs_diff_max"] for h in trainer.state.log_history if "rollout/logp_abs_diff_max" in h]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rollouts_are_sampled_with_dropout_off_by_default(tmp_path, tokenizer, train_set, arch):
+    """With dropout live, generation and the training forward draw different masks: the completions are not sampled
+    from the distribution the loss differentiates. OPDConfig turns the student's dropout off by default."""
+    gaps = {}
+    for disable in (True, False):
+        args = make_args(tmp_path, per_device_train_batch_size=1, max_steps=2, **({} if disable else
+                                                                                  {"disable_dropout": False}))
+        trainer = SparseOPDTrainer(model=dropout_student(tokenizer, arch), args=args, train_dataset=train_set,
+                                   processing_class=tokenizer)
+        trainer.train()
+        gaps[disable] = max(logged_gaps(trainer))
+    assert gaps[True] <= 1e-5, f"default: sampled-token log-probabilities differ by {gaps[True]:.3g}"
+    assert gaps[False] > 1e-3, f"dropout kept on should show in the gap ({gaps[False]:.3g})"

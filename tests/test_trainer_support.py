@@ -84,3 +84,20 @@ def tiny_llama(tokenizer, seed: int = 0, layers: int = 2):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def tiny_gpt2(tokenizer, seed: int = 0, dropout: float = 0.0):
+    """A 2-layer GPT-2 (absolute position embeddings, Conv1D layers) with the tokenizer's vocabulary; GPT-2 ships with
+    0.1 dropout on embeddings, residuals and attention."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=dropout,
+        embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -1,10 +1,11 @@
-"""On-policy distillation into a sparse delta: `SparseOPDConfig` + `SparseOPDTrainer` (TRL's DistillationTrainer)."""
+"""On-policy distillation: `OPDConfig` + `OPDTrainer` (TRL's DistillationTrainer with privileged-context teachers,
+sampled from the policy it trains), and `SparseOPDConfig` + `SparseOPDTrainer`, which train a sparse delta."""
 
 from ..tuner import sparse_delta_layers
-from .config import MASK_STRATEGIES, SparseOPDConfig
+from .config import MASK_STRATEGIES, OPDConfig, SparseOPDConfig
 from .opd_trainer import OPDTrainer
-from .probe import ProbeCallback
 from .privileged import PrivilegedTeacherMixin
+from .probe import ProbeCallback
 from .sparse_opd_trainer import SparseOPDTrainer, is_sparse_delta_model
 from .teachers import BaseWeightsTeacher, build_teacher_prompt
 from .telemetry import UpdateNormCallback, sparse_delta_stats
@@ -12,6 +13,7 @@ from .telemetry import UpdateNormCallback, sparse_delta_stats
 __all__ = [
     "MASK_STRATEGIES",
     "BaseWeightsTeacher",
+    "OPDConfig",
     "OPDTrainer",
     "PrivilegedTeacherMixin",
     "ProbeCallback",

@@ -1,4 +1,5 @@
-"""`SparseOPDConfig`: `DistillationConfig` plus the trained coordinates' choice, the teacher's context, telemetry."""
+"""The configs of the trainers: `OPDConfig` (`OPDTrainer`: TRL's `DistillationConfig` plus the teacher's context and
+the on-policy checks) and `SparseOPDConfig` (`SparseOPDTrainer`: plus the trained coordinates and weight telemetry)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,105 @@ GRADIENT_STATISTICS = ("snr", "fisher", "mean")
 
 
 @dataclass
-class SparseOPDConfig(DistillationConfig):
+class OPDConfig(DistillationConfig):
     r"""
-    Configuration of [`SparseOPDTrainer`]: every [`~trl.DistillationConfig`] field, plus the fields below.
+    Configuration of [`OPDTrainer`]: every [`~trl.DistillationConfig`] field, plus the fields below.
+
+    Parameters that control the teacher's context:
+
+        teacher_prompt_column (`str` or `None`, *optional*, defaults to `"teacher_prompt"`):
+            If the dataset has this column, the teacher scores each completion after this prompt instead of the
+            student's prompt: on-policy context distillation (the column holds privileged information such as worked
+            examples or the reference solution, which the student never sees). Same format as `prompt`
+            (conversational or plain text). `None` ignores the column.
+        teacher_prompt_template (`str`, *optional*):
+            Builds the teacher prompt from each row when there is no teacher prompt column: a format string with
+            `{prompt}` (the student's last user message, or the whole prompt for plain text) and any other column,
+            e.g. `"Reference solution:\n{solution}\n\n{prompt}"`.
+        teacher_privileged_context (`bool`, *optional*):
+            Whether the teacher reads the privileged prompt. By default (`None`) only a teacher that is the student's
+            own base weights does (on-policy context distillation); a separate teacher model reads the student's own
+            prompt (standard on-policy distillation) unless this is `True`.
+
+    With no teacher model (neither `teacher_model` nor `teacher_model_name_or_path`), the teacher is the student's own
+    starting weights in the privileged context, which must then be given. Every teacher pass runs in eval mode (no
+    dropout), whatever mode the student trains in.
+
+    Parameters that keep the training on-policy:
+
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            Turn the student's dropout off (every `nn.Dropout` and every float `*dropout*` rate an attention layer
+            keeps, such as Llama's `attention_dropout`). With dropout on, each generation step and the training
+            forward draw different masks, so the completions are not sampled from the distribution the loss
+            differentiates: the rollouts are off-policy by the dropout noise.
+        log_rollout_mismatch (`bool`, *optional*, defaults to `True`):
+            Log how far the log-probabilities of the sampled tokens under the generation path (transformers or vLLM)
+            are from the training forward's, over each logging window: `rollout/logp_abs_diff` (mean over all sampled
+            tokens of all ranks and micro-batches), `rollout/logp_abs_diff_max` (their maximum) and
+            `rollout/logp_diff` (signed mean).
+
+    > [!NOTE]
+    > Default differing from [`~trl.DistillationConfig`]: `disable_dropout` is `True` instead of `False`.
+
+    Example:
+
+    ```python
+    >>> from sparse_opd.trainer import OPDConfig
+
+    >>> args = OPDConfig(output_dir="opd", teacher_prompt_template="Reference solution:\n{solution}\n\n{prompt}")
+    ```
+    """
+
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Turn the student's dropout off, so rollouts are sampled from the policy the loss trains."},
+    )
+
+    # Parameters that control the teacher's context
+    teacher_prompt_column: str | None = field(
+        default="teacher_prompt",
+        metadata={
+            "help": "Column with the teacher's privileged prompt (on-policy context distillation); used when the "
+            "dataset has it."
+        },
+    )
+    teacher_privileged_context: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Whether the teacher reads the privileged prompt. Default: only when the teacher is the student's "
+            "own base weights; a separate teacher model reads the student's prompt unless this is True."
+        },
+    )
+    teacher_prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Format string building the teacher prompt from a row, with {prompt} and other columns, e.g. "
+            "'Reference solution:\\n{solution}\\n\\n{prompt}'."
+        },
+    )
+
+    # Parameters that keep the training on-policy
+    log_rollout_mismatch: bool = field(
+        default=True,
+        metadata={"help": "Log |log p_generation - log p_training| of the sampled tokens (rollout/logp_abs_diff)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher_prompt_template is not None:
+            fields_ = template_fields(self.teacher_prompt_template)
+            if "prompt" not in fields_:
+                raise ValueError(
+                    "teacher_prompt_template must contain {prompt} (the student's prompt), e.g. "
+                    "'Reference solution:\\n{solution}\\n\\n{prompt}'"
+                )
+
+
+@dataclass
+class SparseOPDConfig(OPDConfig):
+    r"""
+    Configuration of [`SparseOPDTrainer`]: every [`OPDConfig`] field (so every [`~trl.DistillationConfig`] field),
+    plus the fields below.
 
     Parameters that choose the trained coordinates (used only when the trainer is given neither a sparse-delta
     `PeftModel` nor a `peft_config`):
@@ -54,27 +151,6 @@ class SparseOPDConfig(DistillationConfig):
         mask_save_path (`str`, *optional*): also write the mask the strategy built to this file (`SparseMask.save`),
             e.g. to reuse a probe's mask under FSDP / ZeRO-3 with `mask_strategy="file"`.
 
-    Parameters that control the teacher's context:
-
-        teacher_prompt_column (`str` or `None`, *optional*, defaults to `"teacher_prompt"`):
-            If the dataset has this column, the teacher scores each completion after this prompt instead of the
-            student's prompt: on-policy context distillation (the column holds privileged information such as worked
-            examples or the reference solution, which the student never sees). Same format as `prompt`
-            (conversational or plain text). `None` ignores the column.
-        teacher_prompt_template (`str`, *optional*):
-            Builds the teacher prompt from each row when there is no teacher prompt column: a format string with
-            `{prompt}` (the student's last user message, or the whole prompt for plain text) and any other column,
-            e.g. `"Reference solution:\n{solution}\n\n{prompt}"`.
-
-        teacher_privileged_context (`bool`, *optional*):
-            Whether the teacher reads the privileged prompt. By default (`None`) only a teacher that is the student's
-            own base weights does (on-policy context distillation); a separate teacher model reads the student's own
-            prompt (standard on-policy distillation) unless this is `True`.
-
-    With no teacher model (neither `teacher_model` nor `teacher_model_name_or_path`), the teacher is the student's own
-    base weights (the adapter disabled) in the privileged context, which must then be given. Every teacher pass runs in
-    eval mode (no dropout), whatever mode the student trains in.
-
     Parameters that control the weight-space telemetry:
 
         log_weight_stats (`bool`, *optional*, defaults to `True`): log, every logging step, the fraction of masked
@@ -83,13 +159,19 @@ class SparseOPDConfig(DistillationConfig):
             the delta's L2 norm per block (`sparse/delta_norm_ffn`, `..._attention`, `..._other`) and the L2 norm of
             the last optimizer step's update of the values (`sparse/update_norm`, averaged over the logging window).
         weight_stats_tau (`float`, *optional*, defaults to `1e-5`): threshold of `sparse/moved_frac_tau`.
-        log_rollout_mismatch (`bool`, *optional*, defaults to `True`): log how far the log-probabilities of the
-            sampled tokens under the generation path (transformers or vLLM) are from the training forward's:
-            `rollout/logp_abs_diff` (mean over tokens), `rollout/logp_abs_diff_max`, `rollout/logp_diff` (signed).
 
     > [!NOTE]
-    > Default differing from [`~trl.DistillationConfig`]: `learning_rate` is `1e-4` instead of `1e-6`. The trainable
-    > values are few and start at zero; the full-fine-tuning rate moves them too little to matter within a short run.
+    > Default differing from [`OPDConfig`]: `learning_rate` is `1e-4` instead of `1e-6`. The trainable values are few
+    > and start at zero; the full-fine-tuning rate moves them too little to matter within a short run.
+
+    Example:
+
+    ```python
+    >>> from sparse_opd.trainer import SparseOPDConfig
+
+    >>> args = SparseOPDConfig(output_dir="sparse-opd", mask_strategy="near_zero", mask_density=0.01,
+    ...                        learning_rate=2e-3, max_completion_length=128)
+    ```
     """
 
     learning_rate: float = field(
@@ -142,38 +224,11 @@ class SparseOPDConfig(DistillationConfig):
         metadata={"help": "Also write the mask the strategy built to this file (e.g. a probe's, to reuse it)."},
     )
 
-    # Parameters that control the teacher's context
-    teacher_prompt_column: str | None = field(
-        default="teacher_prompt",
-        metadata={
-            "help": "Column with the teacher's privileged prompt (on-policy context distillation); used when the "
-            "dataset has it."
-        },
-    )
-    teacher_privileged_context: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Whether the teacher reads the privileged prompt. Default: only when the teacher is the student's "
-            "own base weights; a separate teacher model reads the student's prompt unless this is True."
-        },
-    )
-    teacher_prompt_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "Format string building the teacher prompt from a row, with {prompt} and other columns, e.g. "
-            "'Reference solution:\\n{solution}\\n\\n{prompt}'."
-        },
-    )
-
     # Parameters that control the weight-space telemetry
     log_weight_stats: bool = field(
         default=True, metadata={"help": "Log moved / bf16-visible fractions and delta / update norms."}
     )
     weight_stats_tau: float = field(default=1e-5, metadata={"help": "Threshold of sparse/moved_frac_tau."})
-    log_rollout_mismatch: bool = field(
-        default=True,
-        metadata={"help": "Log |log p_generation - log p_training| of the sampled tokens (rollout/logp_abs_diff)."},
-    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -203,13 +258,6 @@ class SparseOPDConfig(DistillationConfig):
                              f"{self.mask_gradient_statistic!r}")
         if self.weight_stats_tau < 0:
             raise ValueError(f"weight_stats_tau must be >= 0, got {self.weight_stats_tau}")
-        if self.teacher_prompt_template is not None:
-            fields_ = template_fields(self.teacher_prompt_template)
-            if "prompt" not in fields_:
-                raise ValueError(
-                    "teacher_prompt_template must contain {prompt} (the student's prompt), e.g. "
-                    "'Reference solution:\\n{solution}\\n\\n{prompt}'"
-                )
 
 
 def template_fields(template: str) -> set[str]:

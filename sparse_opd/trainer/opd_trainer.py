@@ -1,14 +1,15 @@
-"""`OPDTrainer`: on-policy distillation of every weight, or of any PEFT adapter, with `SparseOPDTrainer`'s teachers."""
+"""`OPDTrainer`: TRL's on-policy distillation with privileged-context teachers, sampled from the policy it trains."""
 
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 from peft import PeftConfig
 from torch import nn
 from trl import DistillationTrainer
 
-from .config import SparseOPDConfig
+from .config import OPDConfig
 from .privileged import PrivilegedTeacherMixin, check_teacher_context, load_student
 from .rollout_check import RolloutCheckMixin
 from .teachers import BaseWeightsTeacher
@@ -20,32 +21,114 @@ def _is_peft_model(model) -> bool:
     return isinstance(model, nn.Module) and is_peft_model(model)
 
 
-class OPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTrainer):
-    """On-policy distillation of every weight (or of a LoRA / other PEFT adapter) with `SparseOPDTrainer`'s teachers.
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere in `model`: every `nn.Dropout` and every float rate named `*dropout*` that a layer keeps
+    as an attribute (Llama's and Qwen's attention read `self.attention_dropout` in train mode; TRL's
+    `disable_dropout_in_model` sees only `nn.Dropout`)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and type(value) is float and value > 0:
+                setattr(module, name, 0.0)
 
-    The baseline sparse OPD is measured against, and the way to make the full-OPD checkpoint that
-    `mask_strategy="diff"` reads; the `"probe"` strategy runs it for a few steps. It takes a `SparseOPDConfig`
-    (the mask fields are ignored) and the same teachers: a teacher model, or, without one, the student's own starting
-    weights in the privileged context (a frozen copy for a dense student; the adapter disabled for a PEFT student).
+
+def _checked_args(args, config_class, default_dir: str):
+    if args is None:
+        return config_class(output_dir=default_dir)
+    if not isinstance(args, config_class):
+        raise TypeError(
+            f"args must be a {config_class.__name__}, got {type(args).__name__}; build one with "
+            f"{config_class.__name__}(**your_config.to_dict()) or pass the same fields to {config_class.__name__}"
+        )
+    return args
+
+
+class OPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTrainer):
+    """On-policy distillation of every weight, or of any PEFT adapter (LoRA, ...), with privileged-context teachers.
+
+    TRL's [`~trl.DistillationTrainer`], with what [`OPDConfig`] adds: the teacher may score the student's completions
+    after its own, privileged prompt (the reference solution, worked examples, ...), or be the student's own starting
+    weights (on-policy context distillation); every teacher pass runs in eval mode; the student's dropout is off and
+    the log-probabilities of the sampled tokens under generation and under the training forward are compared at every
+    step (`rollout/logp_abs_diff`). It is the baseline a sparse delta ([`SparseOPDTrainer`]) is measured against, the
+    way to make the full-OPD checkpoint that `mask_strategy="diff"` reads, and what `mask_strategy="probe"` runs.
+
+    Args:
+        model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The student, as [`~trl.DistillationTrainer`] takes it (an id or path is loaded with
+            `args.model_init_kwargs`).
+        teacher_model (`str` or [`~transformers.PreTrainedModel`], *optional*):
+            A separate teacher with the student's vocabulary, or `args.teacher_model_name_or_path`. If neither is
+            given, the teacher is the student's starting weights: a frozen copy for a dense student, the student with
+            its adapter disabled for a PEFT student (or with `peft_config`). It then reads the privileged context,
+            which the data must provide (`args.teacher_prompt_column` or `args.teacher_prompt_template`).
+        args ([`OPDConfig`], *optional*):
+            Configuration; `OPDConfig(output_dir="opd-output")` if `None`.
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            A `prompt` column (conversational or text) and, for context distillation, the teacher prompt column or
+            the columns the template names.
+        eval_dataset, processing_class, callbacks, optimizers, quantization_config, peft_config, tools:
+            As in [`~trl.DistillationTrainer`].
+
+    Example:
+
+    ```python
+    >>> from peft import LoraConfig
+    >>> from sparse_opd.tasks import arithmetic_dataset
+    >>> from sparse_opd.trainer import OPDConfig, OPDTrainer
+
+    >>> args = OPDConfig(output_dir="lora-opd", learning_rate=2e-4, max_steps=4, max_completion_length=32)
+    >>> trainer = OPDTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", args=args,
+    ...                      train_dataset=arithmetic_dataset("train", 64, level=1),
+    ...                      peft_config=LoraConfig(r=8, target_modules="all-linear"))
+    >>> trainer.train()
+    ```
     """
 
-    _tag_names = ["trl", "distillation", "sparse-opd"]
+    _tag_names: ClassVar[list[str]] = ["trl", "distillation", "sparse-opd"]
     _name = "OPD"
+    _config_class = OPDConfig
+    _default_output_dir = "opd-output"
 
-    def __init__(self, model, teacher_model=None, args: SparseOPDConfig | None = None, train_dataset=None,
-                 peft_config: PeftConfig | None = None, **kwargs):
-        if args is None:
-            args = SparseOPDConfig(output_dir="opd-output")
+    def __init__(
+        self,
+        model,
+        teacher_model=None,
+        args: OPDConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config: PeftConfig | None = None,
+        tools=None,
+    ):
+        args = _checked_args(args, self._config_class, self._default_output_dir)
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
-        check_teacher_context(args, teacher_model, train_dataset)
+        check_teacher_context(args, teacher_model, train_dataset if train_dataset is not None else eval_dataset)
         if teacher_model is None and peft_config is None and not _is_peft_model(model):
             if isinstance(model, str):
-                model = load_student(model, args, kwargs.get("quantization_config"))
+                model = load_student(model, args, quantization_config)
             teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
             self._teacher_is_student_copy = True  # the student's starting weights: it reads the privileged context
-        super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset,
-                         peft_config=peft_config, **kwargs)
+        super().__init__(
+            model=model,
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+        )
+        if args.disable_dropout:
+            disable_dropout(self.model)  # TRL's own pass turned off nn.Dropout; this also zeroes float rates
         if self.teacher_model is None:
+            # Not prepared by the accelerator: it has no parameters of its own and runs the (prepared) student.
             self.teacher_model = BaseWeightsTeacher(self.model)
-

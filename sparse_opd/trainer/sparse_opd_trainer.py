@@ -18,18 +18,18 @@ are `DistillationTrainer`'s own.
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 from peft import PeftConfig
 from torch import nn
-from trl import DistillationTrainer
 
 from ..tuner import SparseDeltaConfig, SparseDeltaLayer, adapter_mask, merged_sparse_delta
 from .config import SparseOPDConfig
 from .discovery import GradientDiscovery, adopt_checkpoint_mask
 from .mask_strategies import check_strategy, peft_config_from_strategy
 from .model_card import opd_model_card
-from .privileged import PrivilegedTeacherMixin, check_teacher_context, load_student
-from .rollout_check import RolloutCheckMixin
+from .opd_trainer import OPDTrainer, _checked_args
+from .privileged import check_teacher_context, load_student
 from .teachers import BaseWeightsTeacher
 from .telemetry import UpdateNormCallback, sparse_delta_stats
 from .vllm_sync import install_vllm_sync
@@ -42,17 +42,6 @@ def is_sparse_delta_model(model) -> bool:
     return isinstance(model, nn.Module) and is_peft_model(model) and any(
         isinstance(m, SparseDeltaLayer) for m in model.modules()
     )
-
-
-def _checked_args(args) -> SparseOPDConfig:
-    if args is None:
-        return SparseOPDConfig(output_dir="sparse-opd-output")
-    if not isinstance(args, SparseOPDConfig):
-        raise TypeError(
-            f"args must be a SparseOPDConfig, got {type(args).__name__}; build one with "
-            "SparseOPDConfig(**your_config.to_dict()) or pass the same fields to SparseOPDConfig"
-        )
-    return args
 
 
 def _student_and_adapter_config(model, teacher_model, args, train_dataset, processing_class, quantization_config,
@@ -85,28 +74,57 @@ def _student_and_adapter_config(model, teacher_model, args, train_dataset, proce
     return model, peft_config_from_strategy(model, teacher_model, args, train_dataset, processing_class)
 
 
-class SparseOPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTrainer):
+class SparseOPDTrainer(OPDTrainer):
     """On-policy distillation into a sparse delta: the student trains values on fixed coordinates of frozen weights.
 
+    An [`OPDTrainer`] (TRL's [`~trl.DistillationTrainer`] with privileged-context teachers and on-policy checks) whose
+    student is a sparse-delta `PeftModel`, built from the config's mask strategy when it is not given one. Rollouts are
+    sampled from exactly the trained policy (fp32 layers merged bit for bit, others through the sparse path); with
+    vLLM, the weight sync sends the merged weights composed out of place, and after the first sync only the adapted
+    ones. Every logging step adds the weight-space telemetry (`sparse/...`).
+
     Args:
-        model: the student. A sparse-delta `PeftModel`; or a model (id, path or `PreTrainedModel`) with a
+        model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The student: a sparse-delta `PeftModel`; or a model (id, path or `PreTrainedModel`) with a
             `SparseDeltaConfig` as `peft_config`; or a model with `args.mask_strategy` set, from which the trainer
             builds the mask and the adapter itself.
-        teacher_model: a separate teacher (same vocabulary), as an id, path or `PreTrainedModel`, or
-            `args.teacher_model_name_or_path`. If neither is given, the teacher is the student's own base weights
-            (adapter disabled) in a privileged context: the `args.teacher_prompt_column` column or
-            `args.teacher_prompt_template` (on-policy context distillation).
-        args: a `SparseOPDConfig`.
-        train_dataset / eval_dataset: datasets with a `prompt` column (conversational or text) and, for context
-            distillation, the teacher prompt column (or the columns the template uses).
-        Other arguments are `DistillationTrainer`'s.
+        teacher_model (`str` or [`~transformers.PreTrainedModel`], *optional*):
+            A separate teacher (same vocabulary), or `args.teacher_model_name_or_path`. If neither is given, the
+            teacher is the student's own base weights (adapter disabled) in a privileged context: the
+            `args.teacher_prompt_column` column or `args.teacher_prompt_template` (on-policy context distillation).
+        args ([`SparseOPDConfig`], *optional*):
+            Configuration; `SparseOPDConfig(output_dir="sparse-opd-output")` if `None` (which then needs a sparse
+            `PeftModel` or a `peft_config`).
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            A `prompt` column (conversational or text) and, for context distillation, the teacher prompt column (or
+            the columns the template uses).
+        peft_config ([`SparseDeltaConfig`], *optional*):
+            The adapter to train, instead of `args.mask_strategy`.
+        eval_dataset, processing_class, callbacks, optimizers, quantization_config, tools:
+            As in [`~trl.DistillationTrainer`].
 
     Every teacher that has a privileged prompt scores the completion tokens sampled by the student after that
     prompt; the student scores them after its own prompt; the generalized JSD compares the two on those tokens.
+
+    Example:
+
+    ```python
+    >>> from sparse_opd.tasks import arithmetic_dataset
+    >>> from sparse_opd.trainer import SparseOPDConfig, SparseOPDTrainer
+
+    >>> args = SparseOPDConfig(output_dir="out", mask_strategy="near_zero", mask_density=0.01, learning_rate=2e-3,
+    ...                        max_completion_length=48, max_steps=24)
+    >>> trainer = SparseOPDTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", args=args,
+    ...                            train_dataset=arithmetic_dataset("train", 2000, level=1))  # teacher: its base weights
+    >>> trainer.train()
+    >>> trainer.save_model()  # the adapter: adapter_model.safetensors + adapter_config.json
+    ```
     """
 
-    _tag_names = ["trl", "distillation", "sparse-opd", "sparse-delta"]
+    _tag_names: ClassVar[list[str]] = ["trl", "distillation", "sparse-opd", "sparse-delta"]
     _name = "SparseOPD"
+    _config_class = SparseOPDConfig
+    _default_output_dir = "sparse-opd-output"
 
     def __init__(
         self,
@@ -122,7 +140,7 @@ class SparseOPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTr
         peft_config: PeftConfig | None = None,
         tools=None,
     ):
-        args = _checked_args(args)
+        args = _checked_args(args, SparseOPDConfig, self._default_output_dir)
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
         check_teacher_context(args, teacher_model, train_dataset if train_dataset is not None else eval_dataset)
@@ -147,9 +165,6 @@ class SparseOPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTr
         self.adapter_name = self.model.active_adapter
         # what the card states beyond the trainer's own arguments: task, teacher, results ({label: EvalResult})
         self.model_card_details: dict = {}
-        if self.teacher_model is None:
-            # Not prepared by the accelerator: it has no parameters of its own and runs the (prepared) student.
-            self.teacher_model = BaseWeightsTeacher(self.model)
         if self.use_vllm:
             install_vllm_sync(self.vllm_generation, self.model)
             if self._recording():
