@@ -18,16 +18,20 @@ import time
 from pathlib import Path
 
 from sparse_opd import job
+from sparse_opd.job.models import load_student, share_cpu_threads
+from sparse_opd.job.training import make_trainer
 
 STRATEGIES = ("probe", "near_zero", "random")
 
 
-def run_strategy(strategy: str, args, config, test, out: Path) -> dict:
-    config = dataclasses.replace(config, mask_strategy=strategy, output_dir=str(out / strategy), save_strategy="no")
-    student, tokenizer = job.load_student(args, config)
-    train, _ = job.load_data(args)
+def run_strategy(strategy: str, args, test, out: Path) -> dict:
+    training = dataclasses.replace(args.training, mask_strategy=strategy, output_dir=str(out / strategy),
+                                   save_strategy="no")
+    args = args._replace(training=training)
+    student, tokenizer = load_student(args)
+    train, _ = job.load_data(args.job)
     started = time.perf_counter()
-    trainer = job.make_trainer(student, None, tokenizer, train, config, args)  # the mask is built here
+    trainer = make_trainer(student, None, tokenizer, train, test, args)  # the mask is built here
     discovery = time.perf_counter() - started
     started = time.perf_counter()
     trainer.train()
@@ -42,8 +46,8 @@ def table(base: dict, results: list[dict]) -> str:
     from sparse_opd.tasks import paired_difference
 
     reference = results[0]
-    lines = [f"| mask | coordinates | discovery s | training s | accuracy | gain vs base (paired SE) | vs "
-             f"{reference['strategy']} (paired SE) |", "|---|---:|---:|---:|---:|---:|---:|",
+    lines = [(f"| mask | coordinates | discovery s | training s | accuracy | gain vs base (paired SE) | vs "
+             f"{reference['strategy']} (paired SE) |"), "|---|---:|---:|---:|---:|---:|---:|",
              f"| none (base student) | 0 | | | {100 * base['accuracy']:.1f}% | | |"]
     for r in results:
         gain, se = paired_difference(base["correct"], r["correct"])
@@ -66,10 +70,10 @@ def main() -> None:
     preset = [] if "--config" in cli.job_flags else ["--config", "cpu"]
     argv = [*preset, "--num_eval", str(cli.num_eval), "--analyze", "false", *cli.job_flags]
     with job.quiet(argv):
-        args, config = job.parse_args(argv)
-        job.prepare_cpu_run(config)
-        student, tokenizer = job.load_student(args, config)
-        _, test = job.load_data(args)
+        args = job.parse_args(argv)
+        share_cpu_threads(args.training)
+        student, tokenizer = load_student(args)
+        _, test = job.load_data(args.job)
         base_path = out / "base.json"
         if base_path.exists():
             base = json.loads(base_path.read_text())
@@ -82,7 +86,7 @@ def main() -> None:
         for strategy in cli.strategies:
             path = out / f"{strategy}.json"
             if not path.exists():
-                path.write_text(json.dumps(run_strategy(strategy, args, config, test, out)))
+                path.write_text(json.dumps(run_strategy(strategy, args, test, out)))
             results.append(json.loads(path.read_text()))
             print(f"{strategy}: {100 * results[-1]['accuracy']:.1f}%", flush=True)
     print(table(base, results))

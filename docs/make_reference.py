@@ -43,7 +43,7 @@ def _table(cls, skip: set[str], changed: set[str] = frozenset()) -> str:
 
 def reference() -> str:
     from peft import PeftConfig
-    from trl import DistillationConfig
+    from trl import DistillationConfig, ScriptArguments
 
     from sparse_opd import SparseDeltaConfig
     from sparse_opd.job import JobArguments
@@ -63,9 +63,12 @@ def reference() -> str:
         "",
         _table(SparseOPDConfig, set(trl_fields), changed), "",
         "## `JobArguments` (`sparse-opd train`, `examples/opd_math.py`; besides every `SparseOPDConfig` field)", "",
-        "The `cpu` preset (`sparse_opd/presets/cpu.yaml`, the default `--config`) overrides some of these defaults; "
-        "`sparse-opd train --help` shows the values in effect.", "",
-        _table(JobArguments, set()), "",
+        ("`JobArguments` extends TRL's `ScriptArguments` (`dataset_name`, `dataset_config`, `dataset_train_split`, "
+         "`dataset_test_split`); the student's flags are TRL's `ModelConfig` (`model_name_or_path`, `model_revision`, "
+         "`dtype`, ...). The presets (`sparse_opd/presets/`: `gpu` where there is a GPU, else `cpu`, unless `--config` "
+         "names one) override some of these defaults; `sparse-opd train --help` shows the values in effect and "
+         "`sparse_opd.job.arguments.NOT_USED` lists the flags the job refuses."), "",
+        _table(JobArguments, {f.name for f in dataclasses.fields(ScriptArguments)}), "",
     ])
 
 

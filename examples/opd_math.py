@@ -1,6 +1,6 @@
 """On-policy distillation of math skill into a sparse delta: the recipe behind `sparse-opd train`.
 
-    accelerate launch examples/opd_math.py                    # embedded SmolLM2-135M, synthetic task, `cpu` preset
+    accelerate launch examples/opd_math.py                    # embedded SmolLM2-135M, synthetic task, device's preset
     accelerate launch examples/opd_math.py --config smoke     # a one-minute pass through every phase
     accelerate launch examples/opd_math.py --dataset_name my_train.jsonl --eval_dataset_name my_test.jsonl
     accelerate launch examples/opd_math.py --config gpu --model_name_or_path Qwen/Qwen3-1.7B \\
@@ -13,48 +13,29 @@ weight entry by how much it moved, and the top 1% (FFN-weighted) are kept. Witho
 student's own base weights shown the reference solution, which the student never sees (on-policy context
 distillation).
 
-Flags: every field of `sparse_opd.job.JobArguments` and of `SparseOPDConfig` (so TRL's `DistillationConfig` and
-transformers' `TrainingArguments`); `--config` takes a preset (sparse_opd/presets/*.yaml) or your own YAML file;
-`--help` lists them all with their defaults.
+Flags: every field of TRL's `ScriptArguments` and `ModelConfig`, of `sparse_opd.job.JobArguments` and of
+`SparseOPDConfig` (so TRL's `DistillationConfig` and transformers' `TrainingArguments`); `--config` takes a preset
+(sparse_opd/presets/*.yaml: `gpu` where there is a GPU, else `cpu`) or your own YAML file; `--help` lists them all with
+their defaults. Each step below is one call into `sparse_opd.job`, which holds the run's state.
 """
 
 import sys
-import time
 
-from sparse_opd import job
+from sparse_opd.job import OPDJob, console
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    started = time.perf_counter()
     # library warnings and logs below ERROR stay out of the output, and bad input ends in one line, unless --verbose
-    with job.quiet(argv) as output, job.errors_in_one_line("opd_math.py", output.verbose):
-        args, config = job.parse_args(argv)
-        job.prepare_cpu_run(config)
-
-        # 1. The student, the teacher (None: the student's base weights in the privileged context) and the data
-        student, tokenizer = job.load_student(args, config)
-        teacher = job.load_teacher(config)
-        train, test = job.load_data(args)
-        job.say(f"student: {student.name_or_path}; teacher: {job.teacher_sees(args, config, teacher, train)}")
-
-        # 2. Before training: is the teacher worth distilling?
-        student.to(config.device)
-        results = {"student before": job.evaluate(student, tokenizer, test, args, desc="evaluation (student)")}
-        results["teacher"] = job.evaluate_teacher(student, teacher, tokenizer, test, args, config)
-        job.say(f"student before: {results['student before']}\nteacher:        {results['teacher']}")
-
-        # 3. Discover the coordinates (inside SparseOPDTrainer: --mask_strategy) and distill into the sparse delta
-        trainer = job.make_trainer(student, teacher, tokenizer, train, config, args)
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-
-        # 4. After training, save (or push) the adapter with a card that states what it is and what it scored
-        results["student after"] = job.evaluate(trainer.model, tokenizer, test, args, "prompt", "evaluation (after)",
-                                                trainer=trainer)
-        job.say(f"student after:  {results['student after']}")
-        job.save(trainer, args, results)
-        if trainer.is_world_process_zero():
-            job.say(job.summary(trainer, args, results, started))
+    with console(argv, prog="opd_math.py"):
+        job = OPDJob.from_command_line(argv)  # flags over a preset; refused flags and bad paths end here
+        job.load_data()  # the training problems and the held-out ones, with the teacher's privileged prompts
+        job.load_models()  # the device, the student, and the teacher (None: the student's own base weights)
+        job.evaluate_before()  # is the teacher worth distilling? the student's and the teacher's accuracy
+        job.train()  # discover the coordinates (--mask_strategy) and distill into the sparse delta
+        job.evaluate_after()  # the same held-out problems
+        job.save()  # the adapter, with a card that says how to load it and what it scored
+        job.report()  # the summary: gain, trained coordinates, the analyzer's view of the delta
     return 0
 
 

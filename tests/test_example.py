@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -15,6 +17,9 @@ from test_trainer_support import tiny_llama, tiny_tokenizer
 
 from sparse_opd import job
 from sparse_opd.cli import main as cli_main
+from sparse_opd.job import arguments
+from sparse_opd.job import models as job_models
+from sparse_opd.job.models import describe_device
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "opd_math.py"
 
@@ -55,34 +60,62 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ flags
-def test_the_cpu_preset_is_the_default_and_flags_override_it():
-    args, config = job.parse_args(["--output_dir", "x"])
+@pytest.fixture
+def no_accelerator(monkeypatch):
+    monkeypatch.setattr(arguments, "accelerator_available", lambda: False)
+
+
+def test_the_cpu_preset_is_the_default_without_an_accelerator_and_flags_override_it(no_accelerator):
+    args = job.parse_args(["--output_dir", "x"])
+    config = args.training
+    assert args.preset == "cpu" and args.preset_from_machine
     assert config.mask_strategy == "probe" and config.max_steps == 24 and config.use_cpu and not config.bf16
-    assert args.model_name_or_path == "embedded" and args.num_eval == 64 and config.output_dir == "x"
-    args, config = job.parse_args(["--config", "smoke", "--max_steps", "5", "--mask_density", "0.02"])
-    assert config.max_steps == 5 and config.mask_density == 0.02 and config.mask_probe_steps == 1
-    assert args.num_eval == 8
+    assert args.model.model_name_or_path == "embedded" and args.model.dtype == "float32"
+    assert args.job.num_eval == 64 and config.output_dir == "x"
+    args = job.parse_args(["--config", "smoke", "--max_steps", "5", "--mask_density", "0.02"])
+    assert args.training.max_steps == 5 and args.training.mask_density == 0.02
+    assert args.training.mask_probe_steps == 1 and args.job.num_eval == 8 and not args.preset_from_machine
+
+
+def test_the_gpu_preset_is_the_default_where_there_is_an_accelerator(monkeypatch):
+    monkeypatch.setattr(arguments, "accelerator_available", lambda: True)
+    assert arguments.default_preset() == "gpu"
+    args = job.parse_args(["--bf16", "false"])  # this CPU cannot validate bf16; everything else is the gpu preset's
+    assert args.preset == "gpu" and args.preset_from_machine
+    assert not args.training.use_cpu and args.model.dtype == "bfloat16" and args.training.max_steps == 500
+    assert args.model.model_name_or_path == "embedded"
+
+
+def test_the_job_says_which_device_and_why(no_accelerator, tmp_path):
+    line = describe_device(job.parse_args(["--output_dir", str(tmp_path)]))
+    assert line == "device: cpu (the `cpu` preset: no accelerator found)"
+    line = describe_device(job.parse_args(["--config", "smoke", "--output_dir", str(tmp_path)]))
+    assert line == "device: cpu (--config smoke)"
 
 
 def test_a_users_yaml_file_is_a_config_too(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("max_steps: 3\nmask_strategy: random\nnum_eval: 5\nuse_cpu: true\n")
-    args, config = job.parse_args(["--config", str(path), "--num_eval", "6"])
-    assert config.max_steps == 3 and config.mask_strategy == "random" and args.num_eval == 6
+    path.write_text("model_name_or_path: embedded\nmax_steps: 3\nmask_strategy: random\nnum_eval: 5\nuse_cpu: true\n"
+                    "bf16: false\n")
+    args = job.parse_args(["--config", str(path), "--num_eval", "6"])
+    assert args.training.max_steps == 3 and args.training.mask_strategy == "random" and args.job.num_eval == 6
+    assert args.preset == str(path)
 
 
 def test_unknown_preset_names_the_presets():
-    with pytest.raises(SystemExit, match="not a preset .*cpu.*gpu.*smoke"):
+    with pytest.raises(ValueError, match="not a preset .*cpu.*gpu.*smoke"):
         job.parse_args(["--config", "huge"])
 
 
-def test_help_lists_every_flag_with_its_default(capsys):
+def test_help_lists_every_flag_with_its_default(capsys, no_accelerator):
     with pytest.raises(SystemExit):
         cli_main(["train", "--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: sparse-opd train")
+    out = out[out.index("\noptions:"):]
     for flag, default in [("--model_name_or_path", "embedded"), ("--mask_strategy", "probe"), ("--max_steps", "24"),
-                          ("--teacher_model_name_or_path", "None"), ("--dataset_name", "None"), ("--config", "cpu")]:
+                          ("--teacher_model_name_or_path", "None"), ("--dataset_name", "None"), ("--config", "cpu"),
+                          ("--model_revision", "main"), ("--dtype", "float32")]:
         assert flag in out
         section = out[out.index(f"  {flag} "):]
         assert f"(default: {default})" in " ".join(section[:900].split()), flag
@@ -96,12 +129,117 @@ def test_the_presets_ship_with_the_package():
     assert "presets/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["sparse_opd"]
 
 
+def test_the_flags_the_job_refuses_are_flags_of_its_parser(capsys, no_accelerator):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    listed = set(re.findall(r"^  --(\w+)", capsys.readouterr().out, re.MULTILINE))
+    assert set(arguments.NOT_USED) <= listed, set(arguments.NOT_USED) - listed
+    assert len(listed) > 200  # TRL's ScriptArguments and ModelConfig, JobArguments, SparseOPDConfig
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--use_peft"], "--use_peft True is refused: the job trains a sparse delta, not LoRA"),
+    (["--lora_r", "8"], "--lora_r 8 is refused"),
+    (["--dataset_streaming"], "--dataset_streaming True is refused: the job reads the whole dataset"),
+    (["--ignore_bias_buffers"], "pass --ddp_broadcast_buffers false instead"),
+    (["--label_smoothing_factor", "0.1"], "has no label smoothing"),
+    (["--data_seed", "3"], "shuffles with --seed"),
+    (["--do_predict"], "nothing to predict"),
+    (["--max_tool_calling_iterations", "2"], "no tools"),
+    (["--batch_eval_metrics"], "no compute_metrics"),
+    (["--teacher_model_revision", "v2"], "--teacher_model_revision needs --teacher_model_name_or_path"),
+    (["--teacher_model_init_kwargs", '{"dtype": "float16"}'], "--teacher_model_init_kwargs needs --teacher_model_"),
+    (["--load_in_4bit"], "--mask_strategy probe reads (or trains) plain weights, which a 4-bit student"),
+    (["--bnb_4bit_quant_type", "fp4"], "applies to a 4-bit student only"),
+    (["--eval_dataset_name", "x.jsonl"], "--eval_dataset_name needs --dataset_name"),
+])
+def test_flags_the_job_does_not_use_are_refused_when_parsed(flags, message, no_accelerator):
+    with pytest.raises(ValueError) as info:
+        job.parse_args(flags)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mask_strategy", "file", "--mask_path", "{tmp}/nope.safetensors"], "--mask_path {tmp}/nope.safetensors does"),
+    (["--mask_strategy", "file", "--mask_path", "/dev/zero"], "--mask_path /dev/zero is a character device"),
+    (["--mask_strategy", "diff", "--mask_diff_base", "{tmp}", "--mask_diff_tuned", "./gone"],
+     "--mask_diff_tuned ./gone does not exist"),
+    (["--dataset_name", "{tmp}/nope.jsonl"], "--dataset_name {tmp}/nope.jsonl does not exist"),
+    (["--dataset_name", "{tmp}/fifo"], "--dataset_name {tmp}/fifo is a FIFO, not a file or a directory"),
+    (["--model_name_or_path", "{tmp}/fifo"], "is a FIFO, not a directory or a Hub id"),
+    (["--teacher_model_name_or_path", "./no-teacher"], "--teacher_model_name_or_path ./no-teacher does not exist"),
+    (["--resume_from_checkpoint", "{tmp}/checkpoint-9"], "--resume_from_checkpoint {tmp}/checkpoint-9 does not exist"),
+    (["--output_dir", "/dev/null"], "--output_dir /dev/null is a character device, not a directory"),
+    (["--mask_save_path", "{tmp}"], "--mask_save_path {tmp} is a directory"),
+])
+def test_every_path_is_checked_before_any_model_loads(flags, message, tmp_path, no_accelerator):
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises((ValueError, OSError)) as info:
+        job.parse_args([flag.format(tmp=tmp_path) for flag in flags])
+    assert message.format(tmp=tmp_path) in str(info.value)
+
+
+def test_a_missing_mask_file_ends_the_job_before_the_student_loads(monkeypatch, tmp_path, no_accelerator):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the paths were checked")
+
+    monkeypatch.setattr(job_models, "load_student", must_not_load)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--mask_strategy", "file", "--mask_path", str(tmp_path / "m.safetensors")])
+    assert str(exit_info.value) == (f"sparse-opd train: error: --mask_path {tmp_path / 'm.safetensors'} does not exist "
+                                    "(--verbose for the traceback)")
+
+
+def test_init_kwargs_revision_and_dtype_reach_the_models(tiny_model_dir, monkeypatch, no_accelerator):
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def recording(cls, path, *args, **kwargs):
+        calls.append(kwargs)
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(recording))
+    args = job.parse_args(["--model_name_or_path", tiny_model_dir, "--model_init_kwargs", '{"dtype": "bfloat16"}',
+                           "--teacher_model_name_or_path", tiny_model_dir, "--teacher_model_revision", "v2",
+                           "--teacher_model_init_kwargs", '{"dtype": "float16"}', "--attn_implementation", "eager"])
+    student, _ = job_models.load_student(args)
+    teacher = job_models.load_teacher(args)
+    assert student.dtype == torch.bfloat16 and teacher.dtype == torch.float16
+    assert calls[0]["revision"] == "main" and calls[1]["revision"] == "v2"
+    assert calls[0]["attn_implementation"] == calls[1]["attn_implementation"] == "eager"
+    args = job.parse_args(["--model_name_or_path", tiny_model_dir, "--dtype", "bfloat16"])
+    assert job_models.load_student(args)[0].dtype == torch.bfloat16
+
+
+def test_global_options_come_before_the_command(monkeypatch):
+    seen = {}
+
+    def fake_main(argv, prog=None, traceback=False):
+        seen.update(argv=argv, prog=prog, traceback=traceback)
+        return 0
+
+    monkeypatch.setattr(job, "main", fake_main)
+    assert cli_main(["--traceback", "train", "--max_steps", "1"]) == 0
+    assert seen == {"argv": ["--max_steps", "1"], "prog": "sparse-opd train", "traceback": True}
+    assert cli_main(["train", "--max_steps", "1"]) == 0 and seen["traceback"] is False
+
+
+def test_traceback_keeps_the_exception_of_a_refused_flag(no_accelerator):
+    with pytest.raises(ValueError, match="--teacher_model_revision needs"):
+        cli_main(["--traceback", "train", "--teacher_model_revision", "v2"])
+    with pytest.raises(SystemExit, match=r"^sparse-opd train: error: --teacher_model_revision needs"):
+        cli_main(["train", "--teacher_model_revision", "v2"])
+
+
 # ------------------------------------------------------------------------------------------------------ runs
 def test_example_discovers_trains_and_reports(example, tiny_model_dir, tmp_path, capsys):
     out_dir = tmp_path / "run"
     example.main(smoke(tiny_model_dir, out_dir))
     out = capsys.readouterr().out
-    for line in ("student before:", "teacher:", "student after:", "gain:", "trained coordinates:", "(mask: probe)",
+    for line in ("device: cpu (--config smoke)", "student before:", "teacher:", "student after:", "gain:",
+                 "trained coordinates:", "(mask: probe)",
                  f"adapter: {out_dir / 'adapter_model.safetensors'}", "analyzer (", "FFN share of update energy:",
                  "total time:"):
         assert line in out, line
@@ -128,15 +266,25 @@ def test_sparse_opd_train_runs_the_same_job_on_separate_train_and_eval_files(tin
     assert "5 held-out problems" in out
 
 
-def test_a_separate_teacher_sees_the_students_prompt(tiny_model_dir, tmp_path, capsys):
+def test_a_separate_teacher_sees_the_students_prompt_and_loads_with_its_own_flags(tiny_model_dir, tmp_path, capsys):
     teacher_dir = tmp_path / "teacher"
     tokenizer = tiny_tokenizer()
     tiny_llama(tokenizer, seed=1).save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
-    cli_main(["train", *smoke(tiny_model_dir, tmp_path / "run", "--teacher_model_name_or_path", str(teacher_dir),
-                              "--mask_strategy", "random", "--analyze", "false")])
+    # --teacher_model_init_kwargs used to fail after both evaluations ("teacher_model is already instantiated")
+    assert cli_main(["train", *smoke(tiny_model_dir, tmp_path / "run", "--teacher_model_name_or_path", str(teacher_dir),
+                                     "--teacher_model_revision", "main", "--teacher_model_init_kwargs",
+                                     '{"dtype": "float32"}', "--mask_strategy", "random", "--analyze", "false")]) == 0
     out = capsys.readouterr().out
     assert f"teacher: {teacher_dir}, shown the student's own prompt" in out and "(mask: random)" in out
+
+
+def test_an_8bit_student_trains_through_the_job(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    assert cli_main(["train", *smoke(tiny_model_dir, tmp_path / "run", "--load_in_8bit", "--mask_strategy", "random",
+                                     "--analyze", "false")]) == 0
+    assert "trained coordinates:" in capsys.readouterr().out
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -232,24 +380,51 @@ def test_too_few_rows_to_hold_out(tmp_path):
         job.load_data(data_args(path))
 
 
+def test_a_teacher_prompt_template_and_column_reach_training_and_the_teachers_evaluation(no_accelerator, tmp_path):
+    run = job.OPDJob.from_command_line(["--num_train", "4", "--num_eval", "2", "--output_dir", str(tmp_path),
+                                        "--teacher_prompt_template", "Reference: {solution}\n\n{prompt}",
+                                        "--teacher_prompt_column", "context"])
+    run.load_data()
+    row = run.test_data[0]
+    assert "teacher_prompt" not in run.test_data.column_names
+    assert row["context"][-1]["content"] == f"Reference: {row['solution']}\n\n{row['prompt'][-1]['content']}"
+
+
+def test_a_run_without_a_teacher_context_ends_before_the_models_load(no_accelerator, tmp_path):
+    run = job.OPDJob.from_command_line(["--num_train", "4", "--num_eval", "2", "--output_dir", str(tmp_path),
+                                        "--teacher_privileged_context", "false"])
+    with pytest.raises(ValueError, match="teacher_privileged_context=False with no teacher model"):
+        run.load_data()
+    assert run.student is None
+
+
 # ------------------------------------------------------------------------------------------------------ output
-def test_quiet_hides_library_warnings_but_not_errors_and_verbose_shows_everything():
+def test_quiet_hides_library_warnings_but_not_ours_nor_errors_and_verbose_shows_everything():
     transformers_logger = logging.getLogger("transformers.modeling_utils")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with job.quiet(["--max_steps", "1"]):
             warnings.warn_explicit("library advice", UserWarning, "x.py", 1, module="transformers.foo")
-            warnings.warn("deprecated", FutureWarning)
-            with pytest.raises(RuntimeError):
-                raise RuntimeError("real errors still raise")
+            warnings.warn_explicit("library deprecation", FutureWarning, "x.py", 1, module="trl.trainer")
+            warnings.warn_explicit("our deprecation", FutureWarning, "x.py", 1, module="sparse_opd.job")
+            warnings.warn_explicit("a user's warning", UserWarning, "x.py", 1, module="__main__")
+            warnings.warn_explicit("not the library", UserWarning, "x.py", 1, module="torchvision_like")
             assert transformers_logger.isEnabledFor(logging.ERROR)
             assert not transformers_logger.isEnabledFor(logging.WARNING)
-        assert not seen
+        assert [str(w.message) for w in seen] == ["our deprecation", "a user's warning", "not the library"]
         assert transformers_logger.isEnabledFor(logging.WARNING)
+        seen.clear()
         with job.quiet(["--verbose"]):
             warnings.warn_explicit("library advice", UserWarning, "x.py", 1, module="transformers.foo")
         assert [str(w.message) for w in seen] == ["library advice"]
     assert job.quiet(["--verbose", "false"]).verbose is False and job.quiet(["--verbose"]).verbose is True
+
+
+def test_quiet_lets_an_error_through_and_restores_the_logs():
+    transformers_logger = logging.getLogger("transformers.modeling_utils")
+    with pytest.raises(RuntimeError, match="real errors still raise"), job.quiet([]):
+        raise RuntimeError("real errors still raise")
+    assert transformers_logger.isEnabledFor(logging.WARNING)
 
 
 def test_the_embedded_model_is_named_by_its_upstream_checkpoint(tiny_model_dir, tmp_path):
@@ -274,9 +449,8 @@ def test_the_card_of_an_embedded_run_says_how_to_load_its_base(tiny_model_dir, t
 
     monkeypatch.setattr(embedded, "resolve_model_path", lambda name: tiny_model_dir if name == "embedded" else name)
     out_dir = tmp_path / "run"
-    args, config = job.parse_args(smoke("embedded", out_dir, "--analyze", "false"))
     with job.quiet([]):
-        job.run(args, config)
+        job.OPDJob.from_command_line(smoke("embedded", out_dir, "--analyze", "false")).run()
     card = (out_dir / "README.md").read_text()
     adapter_config = json.loads((out_dir / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -286,7 +460,9 @@ def test_the_card_of_an_embedded_run_says_how_to_load_its_base(tiny_model_dir, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, kind", [("fsdp2.yaml", "FSDP2"), ("zero3.yaml", "DeepSpeed ZeRO-3")])
+@pytest.mark.parametrize("config, kind", [
+    ("fsdp2.yaml", "DDP (accelerate runs an FSDP config as DDP on the CPU)"),  # FSDP2 itself where there are GPUs
+    ("zero3.yaml", "DeepSpeed ZeRO-3")])
 def test_the_example_under_accelerate_launch_with_the_shipped_configs(config, kind, tiny_model_dir, tmp_path):
     """What the docs tell a user to run: `accelerate launch --config_file examples/accelerate_configs/... ` on 2
     processes (gloo on this CPU)."""
@@ -304,5 +480,6 @@ def test_the_example_under_accelerate_launch_with_the_shipped_configs(config, ki
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, check=False)
     assert result.returncode == 0, result.stderr[-5000:]
     assert f"training: 2 processes, {kind}, fp32" in result.stdout
+    assert "device: cpu (--config smoke)" in result.stdout
     assert result.stdout.count("== summary ==") == 1  # printed by the main process only
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()

@@ -1,7 +1,8 @@
-"""`sparse-opd train`: the on-policy distillation job of `sparse_opd.job` (the same flags as
-`examples/opd_math.py`)."""
+"""`sparse-opd train`: the on-policy distillation job of `sparse_opd.job`, with its flags parsed by TRL's parser."""
 
 from __future__ import annotations
+
+from .common import add_parser
 
 SUMMARY = "Distill a teacher into a sparse delta of a student, on-policy (the job of examples/opd_math.py)."
 DESCRIPTION = """Discovers the coordinates (a short dense OPD probe by default), evaluates the student and the teacher,
@@ -11,14 +12,11 @@ summary. `sparse-opd train --help` lists every flag with its default; `--config 
 
 
 def register(subparsers) -> None:
-    from .cli import add_parser
-
-    # `sparse-opd train ...` is forwarded to `sparse_opd.job.main` before argparse sees it (see `cli.main`): the job
-    # has its own parser (TRL's, with --config files); this entry only lists the command.
-    add_parser(subparsers, "train", SUMMARY, DESCRIPTION, add_help=False).set_defaults(func=lambda args: main([]))
+    # the job's flags are TRL's parser's, not argparse's here: everything after `train` goes to it
+    add_parser(subparsers, "train", SUMMARY, DESCRIPTION, add_help=False).set_defaults(func=run, passes_rest=True)
 
 
-def main(argv: list[str]) -> int:
-    from .job import main as run_job
+def run(args) -> int:
+    from ..job import main
 
-    return run_job(argv, prog="sparse-opd train")
+    return main(args.rest, prog="sparse-opd train", traceback=args.traceback)

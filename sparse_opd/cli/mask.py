@@ -1,29 +1,20 @@
-"""`sparse-opd mask diff | prior | stats | combine` (and the deprecated `mask overlap`)."""
+"""`sparse-opd mask diff | prior | stats | combine`: build, inspect and combine masks."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import warnings
+from .common import add_parser, check_input, check_output_file, fraction, non_negative, write_json
+
+CHECKPOINT = "a safetensors file, a directory (sharded or not) or a Hub id"
 
 
-def write_json(data, path: str) -> None:
-    """Write ``data`` as JSON to ``path`` (``-``: standard output)."""
-    text = json.dumps(data, indent=1)
-    if path == "-":
-        print(text)
-    else:
-        with open(path, "w") as f:
-            f.write(text + "\n")
+def diff(args):
+    check_input(args.base, "base checkpoint", directory=True, hub=True)
+    check_input(args.tuned, "tuned checkpoint", directory=True, hub=True)
+    check_output_file(args.out, "--out")
+    if args.json:
+        check_output_file(args.json, "--json")
+    from ..masks import SparseMask
 
-
-def _diff(args):
-    from .sparse_mask import SparseMask
-
-    if args.report:
-        warnings.warn("`mask diff --report PATH` is now `--json PATH`", FutureWarning, stacklevel=1)
-        args.json = args.json or args.report
     mask, report = SparseMask.from_diff(
         args.base, args.tuned, threshold=args.threshold, mode=args.mode, precision=args.precision,
         target_modules=args.target_modules, return_report=True, progress=True,
@@ -35,11 +26,14 @@ def _diff(args):
         write_json(report.to_dict(), args.json)
 
 
-def _prior(args):
+def prior(args):
+    if args.model != "embedded":
+        check_input(args.model, "model", file=False, directory=True, hub=True)
+    check_output_file(args.out, "--out")
     from transformers import AutoModelForCausalLM
 
     from ..embedded import resolve_model_path
-    from .priors import near_zero_mask, random_mask
+    from ..masks import near_zero_mask, random_mask
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype="auto")
     if args.kind == "near_zero":
@@ -52,8 +46,11 @@ def _prior(args):
     print(f"{mask} -> {args.out}")
 
 
-def _stats(args):
-    from .sparse_mask import SparseMask
+def stats(args):
+    check_input(args.mask, "mask file")
+    if args.json:
+        check_output_file(args.json, "--json")
+    from ..masks import SparseMask
 
     mask = SparseMask.load(args.mask)
     groups = mask.density_by(args.by)
@@ -68,8 +65,11 @@ def _stats(args):
         print(f"| {group} | {row['count']:,} | {row['numel']:,} | {row['density']:.4%} | {row['share']:.2%} |")
 
 
-def _combine(args):
-    from .sparse_mask import SparseMask
+def combine(args):
+    check_input(args.a, "mask file")
+    check_input(args.b, "mask file")
+    check_output_file(args.out, "--out")
+    from ..masks import SparseMask
 
     a, b = SparseMask.load(args.a), SparseMask.load(args.b)
     mask = a.union(b) if args.op == "union" else a.intersection(b)
@@ -77,26 +77,16 @@ def _combine(args):
     print(f"{mask} -> {args.out}")
 
 
-def _overlap_deprecated(args):
-    print("`sparse-opd mask overlap A B` is now `sparse-opd overlap A B`", file=sys.stderr)
-    from ..analysis.cli import overlap_command
-
-    args.base, args.threshold, args.precision, args.null = None, 1e-5, "raw", True
-    args.paths = [args.a, args.b]
-    return overlap_command(args)
-
-
 def register(subparsers) -> None:
-    from ..cli import HelpFormatter, add_parser, fraction, non_negative
-
     mask = add_parser(subparsers, "mask", "Build, inspect and combine masks (which coordinates a sparse delta trains).",
-                      "Subcommands: diff (from two checkpoints), prior (near-zero or random), stats, combine.")
+                      "Subcommands: diff (from two checkpoints), prior (near-zero or random), stats, combine. "
+                      "`sparse-opd overlap A B` compares two masks.")
     sub = mask.add_subparsers(dest="mask_command", required=True, metavar="mask_command")
 
     p = add_parser(sub, "diff", "The coordinates that changed between two checkpoints (e.g. a full OPD run).",
                    """Streams the checkpoints tensor by tensor. Compares every linear layer but the output head unless
 --target-modules says otherwise.""")
-    p.add_argument("base", help="base checkpoint: safetensors file, directory (sharded or not) or Hub id")
+    p.add_argument("base", help=f"base checkpoint: {CHECKPOINT}")
     p.add_argument("tuned", help="tuned checkpoint, same forms")
     p.add_argument("--out", required=True, help="mask file to write (.safetensors)")
     p.add_argument("--threshold", type=non_negative, default=1e-5,
@@ -110,8 +100,7 @@ def register(subparsers) -> None:
                         "the head")
     p.add_argument("--json", metavar="PATH", nargs="?", const="-",
                    help="also write the kept fraction per module as JSON ('-': stdout)")
-    p.add_argument("--report", help=argparse.SUPPRESS)  # deprecated spelling of --json
-    p.set_defaults(func=_diff)
+    p.set_defaults(func=diff)
 
     p = add_parser(sub, "prior", "A mask that needs no training run: near-zero (smallest |W|) or random coordinates.",
                    "The budget is split across modules FFN-heavy by default (--block-weights).")
@@ -124,25 +113,18 @@ def register(subparsers) -> None:
                    help="module names or suffixes (PEFT's matching); default: every linear layer but the head")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prior")
     p.add_argument("--out", required=True, help="mask file to write (.safetensors)")
-    p.set_defaults(func=_prior)
+    p.set_defaults(func=prior)
 
     p = add_parser(sub, "stats", "Density of a mask by module, module type, block or layer.")
     p.add_argument("mask", help="mask file (.safetensors written by SparseMask.save or `sparse-opd mask ...`)")
     p.add_argument("--by", choices=("module", "type", "block", "layer"), default="block", help="grouping")
     p.add_argument("--json", metavar="PATH", nargs="?", const="-",
                    help="also write the table as JSON ('-': stdout instead of the table)")
-    p.set_defaults(func=_stats)
+    p.set_defaults(func=stats)
 
     p = add_parser(sub, "combine", "The union or intersection of two masks of the same model.")
     p.add_argument("a", help="first mask file")
     p.add_argument("b", help="second mask file")
     p.add_argument("--op", choices=("union", "intersection"), default="union", help="set operation")
     p.add_argument("--out", required=True, help="mask file to write")
-    p.set_defaults(func=_combine)
-
-    p = sub.add_parser("overlap", formatter_class=HelpFormatter,
-                       description="Deprecated: use `sparse-opd overlap A B`.")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--json", metavar="PATH", nargs="?", const="-")
-    p.set_defaults(func=_overlap_deprecated)
+    p.set_defaults(func=combine)
