@@ -279,6 +279,12 @@ def test_a_separate_teacher_sees_the_students_prompt_and_loads_with_its_own_flag
     assert f"teacher: {teacher_dir}, shown the student's own prompt" in out and "(mask: random)" in out
 
 
+def test_eval_strategy_evaluates_the_held_out_problems_during_training(tiny_model_dir, tmp_path, capsys):
+    assert cli_main(["train", *smoke(tiny_model_dir, tmp_path / "run", "--eval_strategy", "steps", "--eval_steps", "1",
+                                     "--mask_strategy", "random", "--analyze", "false", "--verbose")]) == 0
+    assert capsys.readouterr().out.count("'eval_loss'") == 2  # max_steps 2 of the smoke preset
+
+
 def test_an_8bit_student_trains_through_the_job(tiny_model_dir, tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     assert cli_main(["train", *smoke(tiny_model_dir, tmp_path / "run", "--load_in_8bit", "--mask_strategy", "random",
