@@ -24,7 +24,10 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from tiny_models import VOCAB
+
 CLEAR_ERRORS = (ValueError, RuntimeError, OSError)  # json.JSONDecodeError and safetensors' errors included
+LOADERS = ("from_pretrained", "load_adapter", "transformers")
 
 
 def _status(key: str) -> int:
@@ -99,11 +102,27 @@ def _tensor_edits(tensors: dict, rng: random.Random) -> dict:
         "indices: bitmap of the wrong size": edit(lambda t: put(s, torch.tensor([2, 255, 255], dtype=torch.uint8))(t)),
         "extra tensor for an unknown module": edit(lambda t: t.__setitem__(
             "base_model.model.model.layers.9.mlp.up_proj.sparse_delta_values", t[v].clone())),
+        # issue 21.1: a file that writes over the base model
+        "extra tensor: the base embedding": edit(lambda t: t.__setitem__(
+            "base_model.model.model.embed_tokens.weight", torch.full((VOCAB, 32), 7.0))),
+        "extra tensor: an adapted module's base weight": edit(lambda t: t.__setitem__(
+            v.replace("sparse_delta_values", "base_layer.weight"), torch.zeros(_shape_of(v)))),
+        "extra tensor: NaN final norm": edit(lambda t: t.__setitem__(
+            "base_model.model.model.norm.weight", torch.full((32,), float("nan")))),
+        "extra tensor: the output head": edit(lambda t: t.__setitem__(
+            "base_model.model.lm_head.weight", torch.full((VOCAB, 32), 3.0))),
+        # issue 21.2: a file that writes over another adapter
+        "extra tensor: values of adapter 'existing'": edit(lambda t: t.__setitem__(
+            f"{v}.existing", torch.full_like(t[v], float("nan")))),
+        # issue 21.10: values that are finite but absurd, or of a dtype no adapter holds
+        "values: 3e38": edit(lambda t: t[v].__setitem__(0, 3e38)),
+        "values: float8": edit(lambda t: put(v, t[v].to(torch.float8_e4m3fn))(t)),
+        "values: float64": edit(lambda t: put(v, t[v].to(torch.float64))(t)),
     }
 
 
 def _config_edits(config: dict) -> dict:
-    module = sorted(config["module_counts"])[0]
+    module = min(config["module_counts"])
 
     def edit(fn):
         def apply(c):
@@ -139,7 +158,27 @@ def _config_edits(config: dict) -> dict:
         "config: other base shapes": edit(set_(("base_model_fingerprint", "shapes"), "0" * 16)),
         "config: weights digest of another file": edit(set_(("weights_digest",), "0" * 32)),
         "config: value_dtype unknown": edit(set_(("value_dtype",), "float8")),
+        # issue 21.9: the check that pairs config and weights cannot be switched off
+        "config: weights digest removed": edit(lambda c: c.pop("weights_digest")),
+        # issue 21.11: fields of the wrong type are one line naming the field
+        "config: module_counts is a list": edit(set_(("module_counts",), [1, 2, 3])),
+        "config: module_counts is null": edit(set_(("module_counts",), None)),
+        "config: a count is Infinity": edit(set_(("module_counts", module), float("inf"))),
+        "config: fingerprint is a string": edit(set_(("base_model_fingerprint",), "abc")),
+        "config: merge probe malformed": edit(set_(("base_model_fingerprint", "merge_probe"), [["x", "y"]])),
+        "config: grad_block_elements is 'big'": edit(set_(("grad_block_elements",), "big")),
+        "config: target_modules is 123": edit(set_(("target_modules",), 123)),
+        "config: modules_to_save without its tensor": edit(set_(("modules_to_save",), ["lm_head"])),
+        "config: a mask key naming /dev/zero": edit(set_(("mask",), "/dev/zero")),
+        "config: index bytes as a string": edit(set_(("module_index_bytes", module), "12")),
     }
+
+
+def _shape_of(values_key: str) -> tuple[int, int]:
+    from tiny_models import make_model
+
+    name = values_key.removeprefix("base_model.model.").removesuffix(".sparse_delta_values")
+    return tuple(make_model("llama").get_submodule(name).weight.shape)
 
 
 def _other_samples(text: str) -> str:
@@ -166,14 +205,19 @@ def adapter_cases(seed: int = 0) -> dict:
     for fraction in (0.0, 0.1, 0.5, 0.99):
         cases[f"file truncated to {fraction:.0%}"] = bytes_edit(lambda b, f=fraction: b[: int(len(b) * f)])
     cases["file truncated to its header"] = bytes_edit(lambda b: b[: 8 + int.from_bytes(b[:8], "little")])
-    for i in range(8):
-        def flip(b, r=random.Random(rng.randrange(1 << 30)), header=(i % 2 == 0)):
+    def flipper(seed: int, header: bool):
+        def flip(b):
+            r = random.Random(seed)
             b = bytearray(b)
             end = 8 + int.from_bytes(b[:8], "little")
             pos = r.randrange(0, end) if header else r.randrange(end, len(b))
             b[pos] ^= 1 << r.randrange(8)
             return bytes(b)
-        cases[f"one bit flipped in the {'header' if i % 2 == 0 else 'data'} ({i // 2 + 1})"] = bytes_edit(flip)
+        return flip
+
+    for i in range(8):
+        name = f"one bit flipped in the {'header' if i % 2 == 0 else 'data'} ({i // 2 + 1})"
+        cases[name] = bytes_edit(flipper(rng.randrange(1 << 30), i % 2 == 0))
     cases["file extended by 1 MiB of garbage"] = bytes_edit(lambda b: b + os.urandom(1 << 20))
     cases["header length claims 1 TB"] = bytes_edit(lambda b: (1 << 40).to_bytes(8, "little") + b[8:])
     cases["config: empty file"] = bytes_edit(lambda b: b"", config)
@@ -197,7 +241,18 @@ def adapter_cases(seed: int = 0) -> dict:
     cases["weights file of a LoRA adapter"] = lambda folder: shutil.copy(_GOOD[1] / weights, folder / weights)
     cases["config of a LoRA adapter"] = lambda folder: shutil.copy(_GOOD[1] / config, folder / config)
     cases["weights file missing"] = lambda folder: (folder / weights).unlink()
+    for name, make in SPECIAL_FILES.items():
+        cases[name] = lambda folder, make=make: ((folder / weights).unlink(), make(folder / weights))
     return cases
+
+
+# weights files that are not regular files; transformers' own loader blocks forever on a FIFO and reads /dev/zero
+# before any code of ours runs, so these run through PEFT's loaders only (docs/reliability.md)
+SPECIAL_FILES = {
+    "weights file is a FIFO": os.mkfifo,
+    "weights file links to /dev/zero": lambda path: os.symlink("/dev/zero", path),
+    "weights file is a folder": os.mkdir,
+}
 
 
 _GOOD: list[Path] = []  # (sparse-delta adapter dir, LoRA adapter dir), made by `prepare`
@@ -218,44 +273,90 @@ def prepare(root: Path):
     _GOOD[:] = [root / "good", root / "lora"]
 
 
-def run_adapter_case(name: str, damage, root: Path, how: str) -> Outcome:
-    """Load a damaged copy with ``how``: "from_pretrained" (a fresh model) or "load_adapter" (over an existing
-    adapter of another name, which must survive untouched)."""
+def outside(model, adapter: str) -> dict:
+    """Every tensor of ``model`` that does not belong to ``adapter``, by its plain name (PEFT's wrappers removed)."""
+    own = (f"sparse_delta_values.{adapter}", f"sparse_delta_index_stream.{adapter}", f"modules_to_save.{adapter}.")
+    out = {}
+    for key, value in model.state_dict().items():
+        if not any(marker in key for marker in own):
+            plain = key.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
+            out[plain] = value.detach().clone()
+    return out
+
+
+def unchanged(before: dict, model, adapter: str) -> bool:
+    after = outside(model, adapter)
+    return all(key in after and torch.equal(value, after[key]) for key, value in before.items())
+
+
+def load_with(how: str, folder: Path):
+    """``(model before loading, function loading the adapter and using it once, adapter name)`` for ``how``:
+    "from_pretrained" (PEFT, a fresh model), "load_adapter" (PEFT, over an existing adapter named "existing", which
+    must survive untouched) or "transformers" (transformers' own `model.load_adapter`)."""
     from peft import PeftModel
     from tiny_models import make_model
 
+    tokens = torch.tensor([[1, 2, 3]])
+    if how == "from_pretrained":
+        model = make_model("llama")
+
+        def load():
+            loaded = PeftModel.from_pretrained(model, str(folder))
+            loaded(input_ids=tokens)  # first use runs the tuner's load checks too
+            return loaded
+        return model, load, "default"
+    model = make_model("llama")
+    if how == "load_adapter":
+        model = PeftModel.from_pretrained(model, _GOOD[0], adapter_name="existing")
+
+    def load():
+        model.load_adapter(str(folder), adapter_name="damaged")
+        model.set_adapter("damaged")
+        model(input_ids=tokens)
+        return model
+    return model, load, "damaged"
+
+
+def run_adapter_case(name: str, damage, root: Path, how: str) -> Outcome:
+    """Load a damaged copy of the good adapter with ``how`` (see `load_with`)."""
     folder = Path(tempfile.mkdtemp(dir=root))
     shutil.copytree(_GOOD[0], folder, dirs_exist_ok=True)
     damage(folder)
-    if how == "from_pretrained":
-        model = make_model("llama")
-    else:
-        model = PeftModel.from_pretrained(make_model("llama"), _GOOD[0], adapter_name="existing")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def load():
-        if how == "from_pretrained":
-            loaded = PeftModel.from_pretrained(model, str(folder))
-        else:
-            model.load_adapter(str(folder), adapter_name="damaged")
-            loaded = model
-        loaded.set_adapter(loaded.active_adapters[-1] if how == "from_pretrained" else "damaged")
-        loaded(input_ids=torch.tensor([[1, 2, 3]]))  # first use runs the tuner's load checks too
-        return loaded
-
+    model, load, adapter = load_with(how, folder)
+    before = outside(model, adapter)
     result, peak = peak_rss_increase_mib(load)
-    untouched = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items() if k in model.state_dict())
-    return _classify(f"{name} [{how}]", result, peak, untouched, folder)
+    outcome = _classify(f"{name} [{how}]", result, peak, unchanged(before, model, adapter))
+    if how == "transformers" and outcome.kind.startswith("PROBLEM") and type(result).__name__ == "SafetensorError":
+        outcome.kind = "unreadable file: transformers' SafetensorError"  # raised before any code of ours runs
+    if outcome.kind == "valid file" and _adapter_tensors(model, adapter) == _adapter_tensors(None, None):
+        outcome.detail = "loads exactly the adapter that was saved; the rest of the model untouched"
+    return outcome
 
 
-def _is_other_method(loaded) -> bool:
+def _adapter_tensors(model, adapter) -> dict:
+    """The values and index streams of ``adapter`` (of the good adapter's file when ``model`` is None), as bytes."""
+    if model is None:
+        state, suffix = load_file(_GOOD[0] / "adapter_model.safetensors"), ""
+    else:
+        state, suffix = model.state_dict(), f".{adapter}"
+    out = {}
+    for key, value in state.items():
+        for kind in ("sparse_delta_values", "sparse_delta_index_stream"):
+            if key.endswith(kind + suffix):
+                plain = key.removeprefix("base_model.model.").removesuffix(suffix)
+                out[plain] = value.detach().float().numpy().tobytes() if kind.endswith("values") else \
+                    value.numpy().tobytes()
+    return out
+
+
+def _is_other_method(model) -> bool:
     """PEFT loaded a config of another method with its own tuner (the sparse-delta tensors are then not used)."""
-    config = loaded.peft_config[loaded.active_adapters[-1]]
-    return getattr(config.peft_type, "value", config.peft_type) != "SPARSE_DELTA"
+    configs = getattr(model, "peft_config", {})
+    return any(getattr(c.peft_type, "value", c.peft_type) != "SPARSE_DELTA" for c in configs.values())
 
 
-def _classify(case, result, peak, untouched, folder) -> Outcome:
-    if not isinstance(result, BaseException) and hasattr(result, "peft_config") and _is_other_method(result):
+def _classify(case, result, peak, untouched) -> Outcome:
+    if not isinstance(result, BaseException) and _is_other_method(result):
         return Outcome(case, "another method's config: PEFT's own tuner for it", "PEFT warns of missing keys", peak)
     if isinstance(result, KeyError) and "'NOT_A_METHOD'" in str(result):
         return Outcome(case, "unknown method: PEFT's KeyError", str(result), peak)
@@ -266,7 +367,9 @@ def _classify(case, result, peak, untouched, folder) -> Outcome:
         if not untouched:
             return Outcome(case, "PROBLEM: model changed by a failed load", message[:200], peak)
         return Outcome(case, "clear error", f"{type(result).__name__}: {message[:160]}", peak)
-    return Outcome(case, "valid file", "loads as what it holds (digest and structure check out)", peak)
+    if not untouched:
+        return Outcome(case, "PROBLEM: the load changed the model outside the adapter", "", peak)
+    return Outcome(case, "valid file", "loads as what it holds; the rest of the model untouched", peak)
 
 
 # ---------------------------------------------------------------------------------------------------- mask cases
@@ -283,7 +386,7 @@ def mask_cases(seed: int = 0) -> dict:
             save(t, path, metadata={"format": "sparse_opd.mask/1"})
         return apply
 
-    first = lambda t: sorted(k for k in t if k.endswith(".shape"))[0].removesuffix(".shape")
+    first = lambda t: min(k for k in t if k.endswith(".shape")).removesuffix(".shape")
     cases = {
         "mask truncated to 50%": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
         "mask: one data bit flipped": lambda p: p.write_bytes(_flip_data(p.read_bytes(), rng)),
@@ -330,18 +433,44 @@ def run_mask_case(name: str, damage, root: Path) -> Outcome:
     result, peak = peak_rss_increase_mib(load_and_resave)
     if not isinstance(result, BaseException) and result != mask:  # hand-edited (no checksum) but well formed
         return Outcome(name, "valid file", f"a well-formed mask of what the file now says: {result!r}", peak)
-    return _classify(name, result, peak, True, path)
+    return _classify(name, result, peak, True)
 
 
 def run_all(root: Path) -> list[Outcome]:
+    from hostile_scenarios import scenarios
+
     prepare(root)
     outcomes = []
-    for how in ("from_pretrained", "load_adapter"):
+    for how in LOADERS:
         for name, damage in adapter_cases().items():
+            if how == "transformers" and name in SPECIAL_FILES:
+                continue
             outcomes.append(run_adapter_case(name, damage, root, how))
     for name, damage in mask_cases().items():
         outcomes.append(run_mask_case(name, damage, root))
+    for name, scenario in scenarios().items():
+        outcomes.append(run_scenario(name, scenario, root))
     return outcomes
+
+
+def run_scenario(name: str, scenario, root: Path) -> Outcome:
+    """A scenario beyond a damaged file (a save, an operation on a model): ``scenario(folder)`` prepares what it
+    needs and returns ``(model, adapter, act)``; ``act()`` is measured and must fail with a clear error leaving the
+    model's tensors outside ``adapter`` untouched, or succeed, in which case it returns a string saying what holds
+    (raising an AssertionError when what must hold does not)."""
+    folder = Path(tempfile.mkdtemp(dir=root))
+    try:
+        model, adapter, act = scenario(folder)
+    except Exception as err:  # noqa: BLE001 - the outcome is what the battery records
+        return Outcome(name, "PROBLEM: the scenario could not be set up", f"{type(err).__name__}: {err}"[:200], 0.0)
+    before = outside(model, adapter) if model is not None else {}
+    result, peak = peak_rss_increase_mib(act)
+    untouched = model is None or unchanged(before, model, adapter)
+    if isinstance(result, AssertionError):
+        return Outcome(name, "PROBLEM: expectation failed", str(result)[:200], peak)
+    if isinstance(result, str):
+        return Outcome(name, "expected result" if untouched else "PROBLEM: model changed", result, peak)
+    return _classify(name, result, peak, untouched)
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -58,7 +60,7 @@ def test_a_failed_load_over_an_existing_adapter_leaves_it_whole(tmp_path):
     other = _trained(make_model("llama"), seed=1)
     other.save_pretrained(tmp_path / "other")
     tensors = load_file(tmp_path / "other" / "adapter_model.safetensors")
-    key = sorted(k for k in tensors if k.endswith("sparse_delta_values"))[-1]  # the last module: a late failure
+    key = max(k for k in tensors if k.endswith("sparse_delta_values"))  # the last module: a late failure
     tensors[key][0] = float("nan")
     save_file(tensors, tmp_path / "other" / "adapter_model.safetensors", metadata={"format": "pt"})
     model = _trained(make_model("llama"), seed=0)
@@ -102,8 +104,10 @@ def test_an_exception_while_saving_leaves_the_old_adapter_intact(tmp_path, monke
     torch.testing.assert_close(PeftModel.from_pretrained(make_model("llama"), tmp_path)(tokens).logits, expected)
 
 
-def test_a_kill_between_the_two_renames_is_caught_on_load(tmp_path, monkeypatch):
+def test_a_save_killed_between_its_renames_is_finished_by_the_next_load(tmp_path, monkeypatch):
     _trained(make_model("llama"), seed=0).save_pretrained(tmp_path)
+    new = _trained(make_model("llama"), seed=1, scale=0.5)
+    expected = {k: v.clone() for k, v in new.state_dict().items() if "sparse_delta" in k}
     real_replace, moved = os.replace, []
 
     def replace_then_die(src, dst):
@@ -114,11 +118,14 @@ def test_a_kill_between_the_two_renames_is_caught_on_load(tmp_path, monkeypatch)
 
     monkeypatch.setattr(os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
-        _trained(make_model("llama"), seed=1, scale=0.5).save_pretrained(tmp_path)
+        new.save_pretrained(tmp_path)
     monkeypatch.undo()
     assert moved and moved[0].endswith("adapter_model.safetensors")
-    with pytest.raises(ValueError, match="weights_digest"):
-        PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    assert any(name.startswith(".sparse-delta-commit-") for name in os.listdir(tmp_path))
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in expected.items()), "the new adapter, exactly"
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -172,3 +179,60 @@ def test_resaving_a_tiny_mask_that_claims_a_huge_shape_stays_small(tmp_path):
     assert SparseMask.load(tmp_path / "m.safetensors") == mask
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 50 * 1024, "a bitmap was built"
     assert os.path.getsize(tmp_path / "m.safetensors") < 1024
+
+
+def test_concurrent_saves_into_one_folder_never_mix(tmp_path):
+    """Two threads saving different adapters (other coordinates) into one folder 8 times each: the folder always
+    ends as exactly one of them (commits are serialized by a lock on the folder)."""
+    import threading
+
+    models = [_trained(make_model("llama"), seed=s, scale=0.01 * (s + 1)) for s in (0, 1)]
+    expected = [{k: v.clone() for k, v in m.state_dict().items() if "sparse_delta" in k} for m in models]
+    errors = []
+
+    def save(model):
+        try:
+            for _ in range(8):
+                model.save_pretrained(tmp_path)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=save, args=(m,)) for m in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    state = PeftModel.from_pretrained(make_model("llama"), tmp_path).state_dict()
+    assert any(all(k in state and torch.equal(state[k], v) for k, v in e.items()) for e in expected)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".sparse-delta-")]
+
+
+def test_an_oversized_adapter_config_is_refused_by_name(tmp_path):
+    _trained(make_model("llama")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["padding"] = "x" * (17 << 20)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="adapter_config.json is 17 MiB.*limit 16 MiB"):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path)
+
+
+def test_a_save_loop_killed_at_random_moments_always_loads(tmp_path):
+    """60 SIGKILLs of a process saving adapters (two masks, alternating) in a loop, each at a random moment of a
+    save: after every kill the folder loads as exactly the previous or the new version, with no leftovers
+    (tests/save_kill_worker.py; ~10 s)."""
+    worker = os.path.join(os.path.dirname(__file__), "save_kill_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, worker, str(tmp_path / "adapter"), "60", "0"], env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["kills"] == 60 and sum(summary["loaded"][k] for k in ("previous", "new")) == 60
+
+
+def test_saved_files_get_the_permissions_open_gives(tmp_path):
+    _trained(make_model("llama")).save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["README.md", "adapter_config.json", "adapter_model.safetensors"], 0o666 & ~umask)

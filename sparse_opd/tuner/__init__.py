@@ -9,8 +9,10 @@ from .config import SparseDeltaConfig
 from .layer import Linear, SparseDeltaLayer
 from .merging import compose_merged_weight, iter_merged_named_weights, merged_sparse_delta
 from .model import SparseDeltaModel
+from .peft_model_hooks import install
 
 register(SparseDeltaConfig, SparseDeltaModel)
+install()  # save_pretrained / push_to_hub of sparse-delta models; every other model keeps PEFT's own
 
 __all__ = [
     "Linear",

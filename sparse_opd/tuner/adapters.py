@@ -21,6 +21,7 @@ def adapter_mask(model: nn.Module, adapter_name: str = "default") -> SparseMask:
     """The coordinates of a sparse-delta adapter in a (Peft)model, as a `SparseMask` named like the plain model."""
     indices, shapes = {}, {}
     for name, module in sparse_delta_layers(model, adapter_name).items():
+        module._check_loaded([adapter_name])  # a placeholder's coordinates are not the adapter's
         indices[name] = module.sparse_delta_indices[adapter_name].cpu()
         shapes[name] = module.weight_shape
     if not indices:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import Literal
@@ -12,13 +11,11 @@ import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..masks.budget import resolve_block_weights
+from ..masks.budget import parse_block_weights
 from ..masks.sparse_mask import SparseMask, normalize_module_name
+from .config_checks import MASK_INITS, VALUE_DTYPES, check_field_types
 
-# the dtypes a sparse delta's values may have, by the names used in configs
-VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                "float64": torch.float64}
-MASK_INITS = ("near_zero", "random")
+__all__ = ["MASK_INITS", "VALUE_DTYPES", "SparseDeltaConfig"]
 
 
 @dataclass
@@ -30,9 +27,10 @@ class SparseDeltaConfig(PeftConfig):
 
     Parameters that choose the coordinates:
         mask (`SparseMask`, `dict` or `str`, *optional*):
-            Module name -> coordinates. A `SparseMask`, a path to a mask file written by `SparseMask.save`, or a
-            dict of module name -> boolean tensor of the weight's shape or 1-D flat indices into the weight as stored.
-            Not written to `adapter_config.json`: the coordinates are saved with the adapter weights.
+            Module name -> coordinates. A `SparseMask`, a path to a mask file written by `SparseMask.save` (read when
+            the adapter is injected), or a dict of module name -> boolean tensor of the weight's shape or 1-D flat
+            indices into the weight as stored. After injection it holds the resolved `SparseMask`. Not written to
+            `adapter_config.json`: the coordinates are saved with the adapter weights.
         target_modules (`list[str]` or `str`, *optional*):
             Defaults to the mask's modules, or, without a mask, to every linear layer but the output head. Matched
             like PEFT's other methods (a string is a regex, a list matches names or their suffixes).
@@ -64,10 +62,11 @@ class SparseDeltaConfig(PeftConfig):
         index_encoding (`str`): `"auto"` (smallest per module), `"gaps"`, `"bitmap"` or `"int32"`.
 
     Filled in by the tuner (do not set by hand): `module_counts`, `module_index_bytes`, `module_shapes`,
-    `base_model_fingerprint`, `weights_digest`.
+    `base_model_fingerprint`; `weights_digest` (and the fingerprint's `merge_probe`) are written into the saved
+    `adapter_config.json` by `save_pretrained`.
     """
 
-    mask: str | None = field(
+    mask: str | None | SparseMask | dict[str, torch.Tensor] = field(
         default=None,
         metadata={"help": "Mask file written by SparseMask.save (in Python also a SparseMask or a dict of module name "
                           "-> bool tensor / flat indices)."},
@@ -136,61 +135,54 @@ class SparseDeltaConfig(PeftConfig):
     weights_digest: str | None = field(
         default=None, metadata={"help": "Filled when saving: digest of adapter_model.safetensors, checked on load."}
     )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.SPARSE_DELTA
-        loading = bool(self.module_counts)  # a saved adapter: its coordinates come from the adapter file
-        if loading:
-            self.mask_init = None  # a saved adapter's coordinates come from its file, not from a prior
-        self._check_mask()
-        if self.mask is None and not loading and self.mask_init is None:
-            self.mask_init = "near_zero"  # the default: FFN-weighted near-zero prior
-        if self.mask_init is not None:
-            if self.mask_init not in MASK_INITS:
-                raise ValueError(f"mask_init must be one of {MASK_INITS}, got {self.mask_init!r}")
-            if not (isinstance(self.mask_density, (int, float)) and 0 < self.mask_density <= 1):
-                raise ValueError(f"mask_density must be in (0, 1], got {self.mask_density!r}")
-        if isinstance(self.mask_block_weights, str) and self.mask_block_weights.lstrip().startswith("{"):
-            try:
-                self.mask_block_weights = json.loads(self.mask_block_weights)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"mask_block_weights is not valid JSON: {err}") from None
-        resolve_block_weights(self.mask_block_weights)  # validates
-        self._check_choices()
-        if self.mask is not None and self.target_modules is None:
-            names = self.mask.modules() if isinstance(self.mask, SparseMask) else list(self.mask)
-            self.target_modules = sorted({normalize_module_name(n) for n in names})
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-
-    def _check_mask(self) -> None:
-        if isinstance(self.mask, (str, os.PathLike)):
-            self.mask = SparseMask.load(self.mask)
-        elif self.mask is not None and not isinstance(self.mask, (SparseMask, dict)):
-            raise TypeError(
-                f"mask must be a SparseMask, a path to a mask file or a dict of module name -> bool tensor / flat "
-                f"indices, got {type(self.mask).__name__}"
-            )
+        check_field_types(self)
+        if isinstance(self.mask, os.PathLike):
+            self.mask = os.fspath(self.mask)
+        saved = self.module_counts is not None  # a saved adapter: its coordinates come from its adapter file
+        if saved:
+            self.mask_init = None
+            if self.mask is not None:
+                raise ValueError(
+                    "a config with module_counts (a saved adapter, whose coordinates are in adapter_model.safetensors) "
+                    "cannot also name a mask: remove 'mask' from adapter_config.json"
+                )
         if isinstance(self.mask, dict) and not self.mask:
             raise ValueError("mask is empty: name at least one module and its coordinates")
         if self.mask is not None and self.mask_init is not None:
             raise ValueError(
                 "give either mask (the coordinates) or mask_init (draw them), not both: they contradict each other"
             )
+        if self.mask is None and not saved and self.mask_init is None:
+            self.mask_init = "near_zero"  # the default: FFN-weighted near-zero prior
+        if self.mask_init is not None and not 0 < self.mask_density <= 1:
+            raise ValueError(f"mask_density must be in (0, 1], got {self.mask_density!r}")
+        try:
+            self.mask_block_weights = parse_block_weights(self.mask_block_weights)
+        except ValueError as err:
+            raise ValueError(f"mask_block_weights: {err}") from None
+        if self.mask is not None and not isinstance(self.mask, str) and self.target_modules is None:
+            names = self.mask.modules() if isinstance(self.mask, SparseMask) else list(self.mask)
+            self.target_modules = sorted({normalize_module_name(n) for n in names})
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
 
-    def _check_choices(self) -> None:
-        if self.value_dtype != "auto" and self.value_dtype not in VALUE_DTYPES:
-            raise ValueError(f"value_dtype must be 'auto' or one of {tuple(VALUE_DTYPES)}, got {self.value_dtype!r}")
-        if self.save_dtype is not None and self.save_dtype not in VALUE_DTYPES:
-            raise ValueError(f"save_dtype must be one of {tuple(VALUE_DTYPES)}, got {self.save_dtype!r}")
-        if self.value_grad not in ("auto", "dense", "sampled"):
-            raise ValueError(f"value_grad must be 'auto', 'dense' or 'sampled', got {self.value_grad!r}")
-        if self.compose not in ("auto", "always", "never"):
-            raise ValueError(f"compose must be 'auto', 'always' or 'never', got {self.compose!r}")
-        if self.index_encoding not in ("auto", "gaps", "bitmap", "int32"):
-            raise ValueError(f"index_encoding must be 'auto', 'gaps', 'bitmap' or 'int32', got {self.index_encoding!r}")
-        if self.grad_block_elements < 1:
-            raise ValueError(f"grad_block_elements must be >= 1, got {self.grad_block_elements}")
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
+        """PEFT's `from_pretrained`, after preparing a local folder for loading: an interrupted save into it is
+        finished or discarded (`sparse_opd.tuner.atomic_save.recover`), and its files are checked to exist and be
+        readable, so that a broken folder is one clear error (`sparse_opd.tuner.loading.check_adapter_folder`)."""
+        from .atomic_save import recover
+        from .loading import check_adapter_folder
+
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "")
+        if os.path.isdir(folder):
+            recover(folder)
+            check_adapter_folder(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     def to_dict(self) -> dict:
         # The mask lives in adapter_model.safetensors (compactly encoded), not in JSON.

@@ -31,6 +31,34 @@ _MANTISSA = {torch.float32: 23, torch.float64: 52, torch.bfloat16: 7, torch.floa
 _MIN_NORMAL = {torch.float32: 2.0**-126, torch.float64: 2.0**-1022, torch.bfloat16: 2.0**-126, torch.float16: 2.0**-14}
 
 
+def check_fingerprint_format(fingerprint) -> None:
+    """Raise a `ValueError` naming the part of a stored ``base_model_fingerprint`` that has the wrong form."""
+    name = "base_model_fingerprint"
+    if not isinstance(fingerprint, dict):
+        raise ValueError(  # noqa: TRY004 (a value read from a file: corrupted data, not a wrong argument type)
+            f"{name} in adapter_config.json must be an object with shapes, samples and dtype, got "
+            f"{type(fingerprint).__name__}: the config is corrupted or was edited by hand")
+    dtypes = {str(d).removeprefix("torch.") for d in _MANTISSA}
+    for key, ok in (("shapes", lambda v: isinstance(v, str)), ("samples", lambda v: v is None or isinstance(v, str)),
+                    ("dtype", lambda v: v is None or v in dtypes),
+                    ("format", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)))):
+        if not ok(fingerprint.get(key)):
+            raise ValueError(f"{name}.{key} in adapter_config.json has the wrong form ({fingerprint.get(key)!r:.60}): "
+                             "the config is corrupted or was edited by hand")
+    probe = fingerprint.get("merge_probe")
+    if probe is None:
+        return
+    if not isinstance(probe, list) or len(probe) > _PROBES or not all(_probe_entry(e) for e in probe):
+        raise ValueError(f"{name}.merge_probe in adapter_config.json must be a list of at most {_PROBES} "
+                         "[module, index, W, W + delta] entries: the config is corrupted or was edited by hand")
+
+
+def _probe_entry(entry) -> bool:
+    return (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
+            and isinstance(entry[1], int) and not isinstance(entry[1], bool) and entry[1] >= 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in entry[2:]))
+
+
 def _sample_positions(numel: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(numel % (2**31))
     return torch.randint(0, numel, (min(_SAMPLES, numel),), generator=gen)
@@ -97,8 +125,6 @@ def check_fingerprint(expected: dict, layers: dict, adapter_name: str) -> None:
         )
     if actual["samples"] is None:
         return  # a quantized base cannot be compared entry by entry; the shapes matched
-    if expected.get("samples") is None and expected.get("values") is not None:
-        return _check_legacy(expected, layers, adapter_name)
     _check_merge_probe(expected.get("merge_probe"), layers, expected.get("dtype"), adapter_name)
     if expected.get("samples") is not None:
         recorded, loaded = _decode(expected["samples"]), _decode(actual["samples"])
@@ -141,9 +167,27 @@ def _check_merge_probe(probe, layers: dict, recorded_dtype: str | None, adapter_
         )
 
 
+def base_entries(layer, adapter_name: str) -> torch.Tensor:
+    """The base weight's entries at ``adapter_name``'s coordinates as they are with no adapter merged: where merged
+    adapters overlap them, their saved originals, restored in the reverse order of merging (as unmerge does)."""
+    weight = layer.get_base_layer().weight.detach().reshape(-1)
+    indices = layer.sparse_delta_indices[adapter_name].to(weight.device)
+    entries = weight[indices].clone()
+    for merged in reversed(layer.merged_adapters):
+        backup = layer._merge_backup.get(merged)
+        if backup is None:
+            continue
+        others = layer.sparse_delta_indices[merged].to(weight.device)
+        pos = torch.searchsorted(others, indices).clamp(max=others.numel() - 1)
+        hit = others[pos] == indices
+        entries[hit] = backup.to(entries.device)[pos[hit]]
+    return entries
+
+
 def merge_probe(layers: dict, adapter_name: str, dtype: str | None) -> list | None:
     """Up to 8 ``[module, flat index, W, W + delta]`` where the trained delta is most visible in ``dtype`` (the
-    base's), read from unsharded plain weights; None when none can be read or the delta is still zero."""
+    base's), read from unsharded plain weights (the unmerged base entries, also while adapters are merged); None when
+    none can be read or the delta is still zero."""
     candidates = []
     for name, layer in layers.items():
         weight = layer.get_base_layer().weight
@@ -151,7 +195,7 @@ def merge_probe(layers: dict, adapter_name: str, dtype: str | None) -> list | No
         if layer.quantized or is_sharded(weight) or is_sharded(values) or weight.device.type == "meta":
             return None
         indices = layer.sparse_delta_indices[adapter_name]
-        w = weight.detach().reshape(-1)[indices.to(weight.device)].double().cpu()
+        w = base_entries(layer, adapter_name).double().cpu()
         merged = (w + values.double().cpu()).to(weight.dtype).double()
         visible = (merged - w).abs() / torch.from_numpy(rounding_step(w.numpy(), weight.dtype))
         top = torch.topk(visible, min(_PROBES, visible.numel()))
@@ -160,23 +204,3 @@ def merge_probe(layers: dict, adapter_name: str, dtype: str | None) -> list | No
                 candidates.append((score, [name, int(indices[pos]), float(w[pos]), float(merged[pos])]))
     candidates.sort(key=lambda c: -c[0])
     return [entry for _, entry in candidates[:_PROBES]] or None
-
-
-def _check_legacy(expected: dict, layers: dict, adapter_name: str) -> None:
-    """Fingerprints written by sparse-opd 0.1: a digest of the samples rounded to bfloat16 (exact match)."""
-    digest = hashlib.sha256()
-    for name in sorted(layers):
-        shape, weight = layers[name]
-        sample = torch.tensor(_read(weight, _legacy_positions(math.prod(shape)))).to(torch.bfloat16)
-        digest.update(name.encode())
-        digest.update(sample.view(torch.int16).numpy().tobytes())
-    if digest.hexdigest()[:16] != expected["values"]:
-        raise ValueError(
-            f"adapter {adapter_name!r} was made for a base model with the same shapes but different weights: a "
-            "sparse delta is only meaningful on its own base checkpoint"
-        )
-
-
-def _legacy_positions(numel: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(numel % (2**31))
-    return torch.randint(0, numel, (min(64, numel),), generator=gen)

@@ -56,8 +56,8 @@ class SparseDeltaLayer(BaseTunerLayer):
         self._merge_backup: dict[str, torch.Tensor] = {}
         # adapters built from a saved config alone, whose indices must still come from an adapter file
         self._placeholder_adapters: set[str] = set()
-        # adapters loaded from a file whose values have not been checked yet (finite, really loaded)
-        self._unverified_adapters: set[str] = set()
+        # adapters built from a saved config whose loaded file is checked at first use (`loading.PendingLoad`)
+        self._pending_loads: dict = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -102,7 +102,6 @@ class SparseDeltaLayer(BaseTunerLayer):
             indices = torch.arange(k, dtype=torch.long) * (numel // k)
             stream = torch.zeros(stream_bytes, dtype=torch.uint8)
             self._placeholder_adapters.add(adapter_name)
-            self._unverified_adapters.add(adapter_name)
         else:
             indices = validate_flat_indices(indices, numel, name=module_name or adapter_name)
             stream = encode_indices(indices, numel, config.index_encoding)
@@ -260,7 +259,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         adapters = self._active()
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
-        if self._placeholder_adapters or self._unverified_adapters:
+        if self._placeholder_adapters or self._pending_loads:
             self._check_loaded(adapters)
         patterns = self._sparse_path(x, adapters)
         if patterns is not None:  # generation and evaluation: kept lean, it runs per layer per token
@@ -276,8 +275,10 @@ class SparseDeltaLayer(BaseTunerLayer):
         return result + self._delta_output(delta_x, None, adapters)
 
     def _check_loaded(self, adapters) -> None:
-        """Refuse to use an adapter whose file never filled it in, or filled it with non-finite values (checked once
-        per loaded adapter: transformers' own `load_adapter` bypasses the tuner's load-time checks)."""
+        """Refuse to use an adapter whose file never filled it in, or filled it with what its checks refuse (run once
+        per loaded adapter for all its layers: `sparse_opd.tuner.loading.PendingLoad`)."""
+        for adapter in [a for a in adapters if a in self._pending_loads]:
+            self._pending_loads[adapter].verify()
         unloaded = self._placeholder_adapters.intersection(adapters)
         if unloaded:
             raise RuntimeError(
@@ -286,17 +287,6 @@ class SparseDeltaLayer(BaseTunerLayer):
                 "stream for this module); use PeftModel.from_pretrained / load_adapter with a complete adapter, or "
                 "pass mask=..."
             )
-        for adapter in self._unverified_adapters.intersection(adapters):
-            values = self.sparse_delta_values[adapter]
-            if values.device.type == "meta":
-                raise RuntimeError(f"{self._module_name}: the adapter file has no values for adapter {adapter!r}")
-            bad = int((~torch.isfinite(values.detach())).sum())
-            if bad:
-                raise RuntimeError(
-                    f"{self._module_name}: adapter {adapter!r} holds {bad} non-finite values (NaN or inf): its file "
-                    "is missing this module's values or holds corrupted ones"
-                )
-            self._unverified_adapters.discard(adapter)
 
     # merging --------------------------------------------------------------------------------------------------------
     def _refuse_quantized_merge(self):
@@ -342,7 +332,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self.__dict__.get("_csr_patterns", {}).pop(adapter_name, None)
         self._placeholder_adapters.discard(adapter_name)
-        self._unverified_adapters.discard(adapter_name)
+        self._pending_loads.pop(adapter_name, None)
 
 
 class SparseDeltaModule(nn.Module, SparseDeltaLayer):

@@ -1,8 +1,7 @@
-"""The adapter's model card says that loading needs `import sparse_opd`, and how."""
+"""The adapter's model card says that loading needs `import sparse_opd`, and how; `push_adapter_to_hub` uploads it."""
 
 from __future__ import annotations
 
-import functools
 import os
 
 HEADING = "## Loading this sparse-delta adapter"
@@ -58,7 +57,10 @@ values on {total:,} fixed coordinates of {matrices} frozen weight matrices of `{
 
 def add_loading_section(output_dir: str, config, embedded_note: str | None = None) -> None:
     path = os.path.join(output_dir, "README.md")
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    text = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     if HEADING in text:
         return
     with open(path, "w", encoding="utf-8") as f:
@@ -73,54 +75,27 @@ def embedded_base_note(peft_model) -> str | None:
     return model.config.sparse_opd_embedded if is_embedded(model) else None
 
 
-def _is_sparse_delta(peft_model) -> bool:
-    config = peft_model.active_peft_config
-    return getattr(config.peft_type, "value", config.peft_type) == "SPARSE_DELTA"
-
-
-def push_adapter_to_hub(peft_model, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-                        token=None, revision: str | None = None, create_pr: bool = False, **save_kwargs):
-    """Save the adapter (weights, config, card with loading instructions) and upload it in one commit."""
+def push_adapter_to_hub(peft_model, repo_id: str, *, commit_message: str | None = None,
+                        commit_description: str | None = None, private: bool | None = None, token=None,
+                        revision: str | None = None, create_pr: bool = False, tags: list[str] | None = None,
+                        max_shard_size=None):
+    """`PeftModel.push_to_hub` for a sparse-delta adapter: the files `save_pretrained` writes (weights, config and
+    the card with its loading section, which transformers' push would replace by a fresh card), ``tags`` added to
+    the card's metadata, uploaded in one commit. Takes transformers' `push_to_hub` arguments (``max_shard_size`` does
+    not apply to an adapter file)."""
     import tempfile
 
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, ModelCard
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
-        peft_model.save_pretrained(tmp, **save_kwargs)
+        peft_model.save_pretrained(tmp)
+        if tags:
+            card = ModelCard.load(os.path.join(tmp, "README.md"))
+            card.data.tags = sorted(set(card.data.tags or []) | set(tags))
+            card.save(os.path.join(tmp, "README.md"))
         return api.upload_folder(
             repo_id=repo_id, folder_path=tmp, commit_message=commit_message or "Upload sparse-delta adapter",
-            revision=revision, create_pr=create_pr,
+            commit_description=commit_description, revision=revision, create_pr=create_pr,
         )
-
-
-def patch_peft_model_card() -> None:
-    """Extend PeftModel's card writing and `push_to_hub` (no public hooks exist) for sparse-delta adapters only.
-
-    transformers' `push_to_hub` replaces the saved README with a fresh card, which would drop the loading
-    instructions; sparse-delta adapters are pushed with the card that `save_pretrained` wrote instead.
-    """
-    from peft import PeftModel
-
-    original = PeftModel.create_or_update_model_card
-    if getattr(original, "_sparse_opd_patched", False):
-        return
-    original_push = PeftModel.push_to_hub
-
-    @functools.wraps(original_push)
-    def push_to_hub(self, repo_id: str, *args, **kwargs):
-        if not _is_sparse_delta(self) or args:
-            return original_push(self, repo_id, *args, **kwargs)
-        kwargs.pop("tags", None)
-        return push_adapter_to_hub(self, repo_id, **kwargs)
-
-    @functools.wraps(original)
-    def create_or_update_model_card(self, output_dir: str):
-        original(self, output_dir)
-        if _is_sparse_delta(self):
-            add_loading_section(output_dir, self.active_peft_config, embedded_base_note(self))
-
-    create_or_update_model_card._sparse_opd_patched = True
-    PeftModel.create_or_update_model_card = create_or_update_model_card
-    PeftModel.push_to_hub = push_to_hub

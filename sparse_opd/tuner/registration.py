@@ -2,9 +2,8 @@
 
 PEFT has no public hook for methods defined outside its source tree: `register_peft_method` requires a member of the
 `PeftType` enum, and enums cannot be extended by normal means. This module adds the member the way the enum machinery
-itself stores members, then calls PEFT's own registration. It also extends the adapter's model card with loading
-instructions, makes `save_pretrained` replace files atomically and names the file in unreadable-file errors (PeftModel
-offers no hook for any of these).
+itself stores members, then calls PEFT's own registration. Nothing else of PEFT changes: saving and pushing are
+extended for sparse-delta models only (`peft_model_hooks.py`), loading goes through the tuner's own classes.
 `tests/test_registration.py` fails loudly if a PEFT upgrade changes these mechanisms.
 """
 
@@ -36,15 +35,7 @@ def register(config_cls, model_cls) -> None:
     """Register the method with PEFT (idempotent, so re-imports and reloads are harmless)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from .atomic_save import patch_peft_save
-    from .loading import patch_peft_load_errors
-    from .model_card import patch_peft_model_card
-
     add_peft_type()
-    patch_peft_model_card()
-    patch_peft_load_errors()
-    patch_peft_save(lambda model: any(getattr(c.peft_type, "value", c.peft_type) == NAME.upper()
-                                      for c in model.peft_config.values()))
     if PeftType.SPARSE_DELTA in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
     register_peft_method(name=NAME, config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)
