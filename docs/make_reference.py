@@ -41,27 +41,31 @@ def _table(cls, skip: set[str], changed: set[str] = frozenset()) -> str:
     return "\n".join(rows)
 
 
+def _subclass_table(cls, parent) -> str:
+    """The fields `cls` adds to `parent`, and those whose default it changes."""
+    inherited = {f.name: f for f in dataclasses.fields(parent)}
+    changed = {name for name, f in inherited.items() if _default(cls.__dataclass_fields__[name]) != _default(f)}
+    listed = ", ".join(f"`{n}`" for n in sorted(changed)) or "none"
+    return f"Defaults that differ from `{parent.__name__}`: {listed}.\n\n" + _table(cls, set(inherited), changed)
+
+
 def reference() -> str:
     from peft import PeftConfig
     from trl import DistillationConfig, ScriptArguments
 
     from sparse_opd import SparseDeltaConfig
     from sparse_opd.job import JobArguments
-    from sparse_opd.trainer import SparseOPDConfig
+    from sparse_opd.trainer import OPDConfig, SparseOPDConfig
 
     peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
-    trl_fields = {f.name: f for f in dataclasses.fields(DistillationConfig)}
-    changed = {name for name, f in trl_fields.items()
-               if name in SparseOPDConfig.__dataclass_fields__
-               and _default(SparseOPDConfig.__dataclass_fields__[name]) != _default(f)}
     return "\n".join([
         INTRO,
         "## `SparseDeltaConfig` (the PEFT method)", "",
         _table(SparseDeltaConfig, peft_fields), "",
-        "## `SparseOPDConfig` (the trainer; a `trl.DistillationConfig`)", "",
-        f"Defaults that differ from `DistillationConfig`: {', '.join(f'`{n}`' for n in sorted(changed)) or 'none'}.",
-        "",
-        _table(SparseOPDConfig, set(trl_fields), changed), "",
+        "## `OPDConfig` (`OPDTrainer`; a `trl.DistillationConfig`)", "",
+        _subclass_table(OPDConfig, DistillationConfig), "",
+        "## `SparseOPDConfig` (`SparseOPDTrainer`; an `OPDConfig`)", "",
+        _subclass_table(SparseOPDConfig, OPDConfig), "",
         "## `JobArguments` (`sparse-opd train`, `examples/opd_math.py`; besides every `SparseOPDConfig` field)", "",
         ("`JobArguments` extends TRL's `ScriptArguments` (`dataset_name`, `dataset_config`, `dataset_train_split`, "
          "`dataset_test_split`); the student's flags are TRL's `ModelConfig` (`model_name_or_path`, `model_revision`, "

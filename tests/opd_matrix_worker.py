@@ -8,8 +8,9 @@ DIST is single, ddp, fsdp2 or zero3. A CELL is `dtype-teacher-mask[+variant...]`
 `fp32-separate-file+vllm`): dtype fp32 or bf16; teacher `base` (the student's base weights with the privileged
 reference solution) or `separate` (a perturbed copy, shown the plain prompt); mask `file`, `probe` or `near_zero`.
 Variants: `resume` (a straight run against a resumed one), `vllm` (rollouts from TRL's vLLM server path, the server a
-stand-in that starts from the teacher's weights and samples the student only through the trainer's weight sync).
-OUT holds `student/`, `teacher/` and `mask.safetensors` made by the test.
+stand-in that starts from the teacher's weights and samples the student only through the trainer's weight sync),
+`gpt2` (the student is a GPT-2 as it ships, absolute position embeddings and 0.1 dropout, trained 4 mixed-length
+prompts per micro-batch). OUT holds `student/`, `teacher/`, `gpt2/` and `mask.safetensors` made by the test.
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ def make_trainer(root: str, dist: str, cell: str, out: str, **overrides):
     from sparse_opd.trainer import SparseOPDTrainer
 
     dtype, teacher, mask, variants = parse_cell(cell)
+    student = os.path.join(root, "gpt2" if "gpt2" in variants else "student")
+    if "gpt2" in variants:
+        if teacher != "base" or mask == "file":
+            raise ValueError(f"{cell}: a GPT-2 cell has the base-weights teacher and a mask strategy, not a file")
+        overrides = {"per_device_train_batch_size": 4, **overrides}  # left padding in every micro-batch
     server = None
     if "vllm" in variants:
         overrides = {"use_vllm": True, "vllm_mode": "server", **overrides}
@@ -98,11 +104,11 @@ def make_trainer(root: str, dist: str, cell: str, out: str, **overrides):
     args = make_args(out, dist, dtype, mask, teacher, **overrides)
     if dist == "fsdp2":
         _allow_fsdp_on_cpu(args)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "student"))
+    tokenizer = AutoTokenizer.from_pretrained(student)
     train = arithmetic_dataset("train", 32, 1)
     with _stand_in_vllm(server) if "vllm" in variants else _nothing():
         trainer = SparseOPDTrainer(
-            model=os.path.join(root, "student"),  # by path, as TRL users pass it (ZeRO-3 builds it under zero.Init)
+            model=student,  # by path, as TRL users pass it (ZeRO-3 builds it under zero.Init)
             teacher_model=os.path.join(root, "teacher") if teacher == "separate" else None,
             args=args, train_dataset=train, processing_class=tokenizer,
         )
@@ -196,6 +202,8 @@ class _FixedBatchProbe:
         self.batch = _fixed_batch(self.trainer, self.dataset)
         self.result["divergence_before"] = _divergence(self.trainer, self.batch)
         self.result["teacher_deterministic"] = _teacher_twice(self.trainer, self.batch)
+        self.result["teacher_vs_unpadded"] = _teacher_vs_unpadded(self.trainer, self.batch)
+        self.result["prompt_lengths"] = self.batch["prompt_mask"].sum(1).tolist()
 
     def on_train_end(self, *args, **kwargs):
         self.result["divergence_after"] = _divergence(self.trainer, self.batch)
@@ -204,8 +212,8 @@ class _FixedBatchProbe:
 def _fixed_batch(trainer, dataset):
     torch.manual_seed(123)
     trainer.model.eval()
-    rank = trainer.accelerator.process_index
-    batch = trainer._generate_and_score_completions([dataset[i] for i in range(2 * rank, 2 * rank + 2)])
+    n, rank = trainer.args.per_device_train_batch_size, trainer.accelerator.process_index
+    batch = trainer._generate_and_score_completions([dataset[i] for i in range(n * rank, n * rank + n)])
     trainer.model.train()
     return batch
 
@@ -225,13 +233,32 @@ def _teacher_twice(trainer, batch) -> bool:
     inputs = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
-    trainer._teacher_batch = batch
-    try:
+    with trainer.scoring(batch):
         first, second = (trainer._get_last_hidden_state(teacher, inputs, mask, batch["completion_ids"].shape[1])
                          for _ in range(2))
-    finally:
-        trainer._teacher_batch = None
     return bool(torch.equal(first, second))
+
+
+@torch.no_grad()
+def _teacher_vs_unpadded(trainer, batch) -> float:
+    """Largest difference between the teacher's states over the padded batch (as the loss computes them) and over
+    each row read alone without padding (its privileged prompt if it has one, then the completion)."""
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    k = batch["completion_ids"].shape[1]
+    student_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    student_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with trainer.scoring(batch):
+        scored = trainer._get_last_hidden_state(teacher, student_ids, student_mask, k).float()
+    prompt = "teacher_prompt" if "teacher_prompt_ids" in batch else "prompt"
+    ids = torch.cat([batch[f"{prompt}_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch[f"{prompt}_mask"], batch["completion_mask"]], dim=1)
+    worst = 0.0
+    for row in range(ids.shape[0]):  # the same number of rows on every rank: the forwards may gather parameters
+        n = int(batch["completion_mask"][row].sum())
+        alone = ids[row][mask[row].bool()][None]
+        hidden = trainer._get_last_hidden_state(teacher, alone, torch.ones_like(alone), n).float()
+        worst = max(worst, float((scored[row, :n] - hidden[0]).abs().max()))
+    return worst
 
 
 @torch.no_grad()

@@ -597,14 +597,13 @@ def test_every_teacher_pass_runs_in_eval_mode(tmp_path, tokenizer, train_set):
     student.config.attention_dropout = 0.5  # dropout live in train mode, as in GPT-2 / OPT / Phi defaults
     for layer in student.model.layers:
         layer.self_attn.attention_dropout = 0.5
-    trainer = SparseOPDTrainer(model=student, args=make_args(tmp_path), train_dataset=train_set,
-                               processing_class=tokenizer)
+    trainer = SparseOPDTrainer(model=student, args=make_args(tmp_path, disable_dropout=False),  # the student's kept
+                               train_dataset=train_set, processing_class=tokenizer)
     batch = fixed_batch(trainer, train_set, n=4)
     trainer.model.train()  # the student trains
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    trainer._teacher_batch = batch
-    with torch.no_grad():
+    with torch.no_grad(), trainer.scoring(batch):
         first, second = (trainer._get_last_hidden_state(trainer.teacher_model, ids, mask, batch["completion_ids"].shape[1])
                          for _ in range(2))
     assert torch.equal(first, second), "dropout was live in the teacher pass"
@@ -717,3 +716,67 @@ def test_rollouts_are_sampled_with_dropout_off_by_default(tmp_path, tokenizer, t
         gaps[disable] = max(logged_gaps(trainer))
     assert gaps[True] <= 1e-5, f"default: sampled-token log-probabilities differ by {gaps[True]:.3g}"
     assert gaps[False] > 1e-3, f"dropout kept on should show in the gap ({gaps[False]:.3g})"
+
+
+def unpadded_hidden_states(trainer, model, ids, mask, n_completion):
+    """Hidden states of one row read alone, without padding, before each of its first n completion tokens."""
+    ids = ids[mask.bool()][None]
+    with torch.no_grad():
+        hidden = DistillationTrainer._get_last_hidden_state(trainer, model, ids, torch.ones_like(ids), n_completion)
+    return hidden[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_loss_scores_each_rollout_at_the_positions_it_was_sampled_at(tmp_path, tokenizer, train_set, arch):
+    """In a left-padded batch of mixed-length prompts, student and teacher states of every row equal the row's own
+    unpadded forward: generate() numbers positions from a row's first token, and so must every scoring forward (the
+    teacher's privileged prompt is padded on its own). GPT-2's absolute position embeddings make a shift visible."""
+    student = tiny_gpt2(tokenizer) if arch == "gpt2" else tiny_llama(tokenizer)
+    trainer = SparseOPDTrainer(model=student, args=make_args(tmp_path), train_dataset=train_set,
+                               processing_class=tokenizer)
+    batch = fixed_batch(trainer, train_set, n=4)
+    assert len(set(batch["prompt_mask"].sum(1).tolist())) > 1, "the prompts should differ in length"
+    assert len(set(batch["teacher_prompt_mask"].sum(1).tolist())) > 1
+    k = batch["completion_ids"].shape[1]
+    student_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    student_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    teacher_ids = torch.cat([batch["teacher_prompt_ids"], batch["completion_ids"]], dim=1)
+    teacher_mask = torch.cat([batch["teacher_prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad(), trainer.scoring(batch):
+        scored = {"student": trainer._get_last_hidden_state(trainer.model, student_ids, student_mask, k),
+                  "teacher": trainer._get_last_hidden_state(trainer.teacher_model, student_ids, student_mask, k)}
+    for row in range(4):
+        n = int(batch["completion_mask"][row].sum())
+        alone = {"student": unpadded_hidden_states(trainer, trainer.model, student_ids[row], student_mask[row], n)}
+        with trainer.model.disable_adapter():  # the teacher: the student's base weights
+            alone["teacher"] = unpadded_hidden_states(trainer, trainer.model, teacher_ids[row], teacher_mask[row], n)
+        for who in ("student", "teacher"):
+            torch.testing.assert_close(scored[who][row, :n], alone[who], rtol=0, atol=1e-5,
+                                       msg=lambda m, who=who, row=row: f"{who}, row {row}: {m}")
+
+
+def test_rollout_metrics_are_a_token_weighted_mean_and_a_true_maximum(tmp_path, tokenizer, train_set, monkeypatch):
+    """TRL's log() averages every metric list; the rollout gap over a logging window (2 steps x 2 micro-batches here)
+    must be the mean over all sampled tokens and their maximum, not a mean of per-micro-batch means and maxima."""
+    from sparse_opd.trainer.rollout_check import SampledLogprobs
+
+    offsets, recorded = [0.1, 0.2, 0.3, 0.4], []  # added to each row's generation log-probabilities
+    original = SampledLogprobs.per_completion
+
+    def shifted(self, lengths):
+        recorded.append(lengths)
+        return [lp + offset for lp, offset in zip(original(self, lengths), offsets, strict=True)]
+
+    monkeypatch.setattr(SampledLogprobs, "per_completion", shifted)
+    args = make_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+                     logging_steps=2)
+    trainer = SparseOPDTrainer(model=student_model(tokenizer), args=args, train_dataset=train_set,
+                               processing_class=tokenizer)
+    trainer.train()
+    (logged,) = [h for h in trainer.state.log_history if "rollout/logp_abs_diff" in h]
+    tokens = sum(n for lengths in recorded for n in lengths)
+    expected_mean = sum(o * n for lengths in recorded for o, n in zip(offsets, lengths, strict=True)) / tokens
+    assert len(recorded) == 2 and tokens > 0
+    assert logged["rollout/logp_abs_diff_max"] == pytest.approx(0.4, abs=1e-4)
+    assert logged["rollout/logp_abs_diff"] == pytest.approx(expected_mean, abs=1e-4)
+    assert logged["rollout/logp_diff"] == pytest.approx(expected_mean, abs=1e-4)  # generation above training

@@ -1,12 +1,15 @@
 """SparseOPDTrainer where OPD users run it: {fp32, bf16} x {one process, DDP, FSDP2, DeepSpeed ZeRO-3} x {base-weights
 teacher with the privileged context, separate teacher} x {mask file, probe, near-zero prior}, pruned to fit CI, with
-2 processes under gloo on the CPU for the distributed cells (tests/opd_matrix_worker.py runs them).
+2 processes under gloo on the CPU for the distributed cells (tests/opd_matrix_worker.py runs them), plus variants:
+a GPT-2 student as it ships (absolute positions, 0.1 dropout) on left-padded mixed-length batches, and rollouts from
+TRL's vLLM server path under ZeRO-3 (a stand-in server that samples the student only through the weight sync).
 
 Every cell checks: finite losses and a lower divergence on a fixed batch after training; only masked coordinates
 move; both ranks hold identical masks, values and logits; the saved adapter reloads onto the plain base with the
-same logits; two teacher passes agree (eval mode); the log-probabilities of the sampled tokens under the generation
-path agree with the training forward (fp32: to rounding, 1e-5; bf16: within 2^-6 of the largest logit, derived in
-docs/trainer.md). Resume from a checkpoint continues bit-identically in every distribution.
+same logits; two teacher passes agree (eval mode); in fp32 the teacher's states over a padded batch equal each row's
+unpadded forward; the log-probabilities of the sampled tokens under the generation path agree with the training
+forward (fp32: to rounding, 1e-5; bf16: within 2^-6 of the largest logit, a heuristic bound, see docs/trainer.md).
+Resume from a checkpoint continues bit-identically in every distribution.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ pytest.importorskip("deepspeed")
 
 WORKER = Path(__file__).with_name("opd_matrix_worker.py")
 STEPS = 4  # opd_matrix_worker.STEPS
-LAUNCHES = {  # distribution -> cells (dtype-teacher-mask); `+resume` cells check resuming instead
+LAUNCHES = {  # distribution -> cells (dtype-teacher-mask[+variant...], see opd_matrix_worker.py)
     "single": ["fp32-base-file", "fp32-base-probe", "fp32-separate-near_zero", "bf16-separate-file",
-               "fp32-base-file+resume"],
+               "fp32-base-file+resume", "fp32-base-near_zero+gpt2"],
     "ddp": ["fp32-base-probe", "fp32-separate-file", "bf16-base-near_zero", "fp32-separate-file+resume"],
     "fsdp2": ["fp32-base-near_zero", "fp32-separate-file", "bf16-base-file", "fp32-separate-file+resume"],
     "zero3": ["fp32-base-near_zero", "fp32-separate-file", "bf16-separate-near_zero", "fp32-separate-file+resume",
@@ -37,7 +40,7 @@ CELLS = [(dist, cell) for dist, cells in LAUNCHES.items() for cell in cells]
 
 
 def _prepare(root: Path) -> None:
-    from test_trainer_support import tiny_llama, tiny_tokenizer
+    from test_trainer_support import tiny_gpt2, tiny_llama, tiny_tokenizer
 
     from sparse_opd.masks import random_mask
 
@@ -57,6 +60,9 @@ def _prepare(root: Path) -> None:
     teacher.save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     random_mask(student, density=0.2, seed=3).save(root / "mask.safetensors")
+    gpt2 = tiny_gpt2(tokenizer, dropout=0.1)  # as GPT-2 ships: dropout live in train mode, tied embeddings
+    gpt2.save_pretrained(root / "gpt2")
+    tokenizer.save_pretrained(root / "gpt2")
 
 
 def _launch(root: Path, dist: str, cells: list[str]) -> None:
@@ -93,10 +99,11 @@ def _ranks(root: Path, dist: str, cell: str) -> list[dict]:
     return [torch.load(f, weights_only=False) for f in files]
 
 
-def _base_model(root: Path, dtype: str):
+def _base_model(root: Path, dtype: str, variants: set[str] = frozenset()):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(root / "student", dtype=getattr(torch, dtype))
+    student = root / ("gpt2" if "gpt2" in variants else "student")
+    return AutoModelForCausalLM.from_pretrained(student, dtype=getattr(torch, dtype))
 
 
 @pytest.mark.parametrize("dist, cell", CELLS, ids=[f"{d}-{c}" for d, c in CELLS])
@@ -127,15 +134,20 @@ def check_cell(root: Path, dist: str, cell: str) -> None:
         for name, values in first["values"].items():
             assert torch.equal(values, other["values"][name]), f"{name}: values differ between ranks"
         assert torch.equal(other["logits"], first["logits"])
-    _only_masked_coordinates_moved(root, first, dtype)
-    _reloads_with_the_same_logits(root, dist, cell, first, dtype)
+    _only_masked_coordinates_moved(root, first, dtype, variants)
+    _reloads_with_the_same_logits(root, dist, cell, first, dtype, variants)
     _rollouts_match_the_training_forward(first, dtype)
+    if dtype == "float32":  # the teacher scores every row at its own positions, whatever the padding
+        for result in ranks:
+            assert result["teacher_vs_unpadded"] <= 1e-5, f"teacher states move with padding: {result}"
+    if "gpt2" in variants:
+        assert len(set(first["prompt_lengths"])) > 1, "the GPT-2 cell should have left-padded micro-batches"
     if "vllm" in variants:
         _the_server_received_the_policy(first)
 
 
-def _only_masked_coordinates_moved(root, result, dtype):
-    initial = _base_model(root, dtype).state_dict()
+def _only_masked_coordinates_moved(root, result, dtype, variants):
+    initial = _base_model(root, dtype, variants).state_dict()
     moved = 0
     for name, merged in result["merged"].items():
         before = initial[name].float()
@@ -147,10 +159,10 @@ def _only_masked_coordinates_moved(root, result, dtype):
     assert moved > 0, "training moved nothing"
 
 
-def _reloads_with_the_same_logits(root, dist, cell, result, dtype):
+def _reloads_with_the_same_logits(root, dist, cell, result, dtype, variants):
     from peft import PeftModel
 
-    reloaded = PeftModel.from_pretrained(_base_model(root, dtype), root / dist / cell / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(_base_model(root, dtype, variants), root / dist / cell / "adapter").eval()
     with torch.no_grad():
         logits = reloaded(input_ids=torch.tensor([[1, 5, 9, 14, 3, 7]])).logits.float()
     # bf16: FSDP2's mixed precision keeps float32 masters and computes in bf16, a plain bf16 model rounds elsewhere:

@@ -1,4 +1,20 @@
-"""`OPDTrainer`: TRL's on-policy distillation with privileged-context teachers, sampled from the policy it trains."""
+"""`OPDTrainer`: TRL's on-policy distillation with privileged-context teachers, sampled from the policy it trains.
+
+What it changes in `trl.DistillationTrainer` (every override calls `super()`), and where:
+- `__init__`: without a teacher model, the student's starting weights are the teacher; dropout off (`OPDConfig`).
+- `_set_signature_columns_if_needed`: keeps the columns the teacher's prompt is built from (`PrivilegedTeacherMixin`).
+- `_generate_and_score_completions`: adds the teacher's privileged prompt ids to the batch (`PrivilegedTeacherMixin`);
+  generates inside `_generation_context()` while recording the sampled tokens' log-probabilities, from transformers'
+  `generate` or TRL's `VLLMGeneration.generate` (`RolloutCheckMixin`).
+- `_compute_loss`: makes the micro-batch visible to the hidden-state overrides for its duration (`ScoringMixin`).
+- `_get_last_hidden_state`: every forward scores the completion at the positions `generate()` gave it
+  (`ScoringMixin`); the teacher reads its own prompt before the same completion tokens, in eval mode, and the
+  base-weights teacher runs the student with the adapter disabled (`PrivilegedTeacherMixin`); the student's hidden
+  states give the training log-probabilities of the sampled tokens (`RolloutCheckMixin`).
+- `log`: the rollout gap over the logging window, as a token-weighted mean and a true maximum (`RolloutCheckMixin`).
+Generation, the generalized JSD loss, gradient accumulation, checkpoints, resume, hub pushes, vLLM and distributed
+training are `DistillationTrainer`'s own. `tests/test_trl_contract.py` pins the TRL members these overrides rely on.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +28,7 @@ from trl import DistillationTrainer
 from .config import OPDConfig
 from .privileged import PrivilegedTeacherMixin, check_teacher_context, load_student
 from .rollout_check import RolloutCheckMixin
+from .scoring import ScoringMixin
 from .teachers import BaseWeightsTeacher
 
 
@@ -44,7 +61,7 @@ def _checked_args(args, config_class, default_dir: str):
     return args
 
 
-class OPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, DistillationTrainer):
+class OPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, ScoringMixin, DistillationTrainer):
     """On-policy distillation of every weight, or of any PEFT adapter (LoRA, ...), with privileged-context teachers.
 
     TRL's [`~trl.DistillationTrainer`], with what [`OPDConfig`] adds: the teacher may score the student's completions

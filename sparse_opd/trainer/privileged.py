@@ -8,7 +8,7 @@ import contextlib
 import torch
 from trl.trainer.utils import create_model_from_path, pad
 
-from .config import SparseOPDConfig, template_fields
+from .config import OPDConfig, template_fields
 from .teachers import BaseWeightsTeacher, build_teacher_prompt
 
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -54,7 +54,7 @@ def check_teacher_context(args, teacher_model, dataset) -> None:
         )
 
 
-def load_student(model_id: str, args: SparseOPDConfig, quantization_config):
+def load_student(model_id: str, args: OPDConfig, quantization_config):
     """The student from a model id or path, loaded the way `DistillationTrainer` would (its init kwargs)."""
     kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
@@ -79,9 +79,9 @@ def _eval_mode(model):
 class PrivilegedTeacherMixin:
     """Lets a `DistillationTrainer`'s teacher score the student's completions after its own (privileged) prompt.
 
-    Mixed in before `DistillationTrainer`. The teacher prompt of each row comes from `args.teacher_prompt_column`
-    or `args.teacher_prompt_template` (see `SparseOPDConfig`); a `BaseWeightsTeacher` runs the student with its
-    adapter disabled.
+    Mixed in before `ScoringMixin` and `DistillationTrainer`, whose `scored_batch` it reads. The teacher prompt of
+    each row comes from `args.teacher_prompt_column` or `args.teacher_prompt_template` (see `OPDConfig`); a
+    `BaseWeightsTeacher` runs the student with its adapter disabled.
     """
 
     # data -----------------------------------------------------------------------------------------------------------
@@ -139,21 +139,14 @@ class PrivilegedTeacherMixin:
         return output
 
     # loss -----------------------------------------------------------------------------------------------------------
-    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        # The teacher's forward happens inside the parent's `_compute_loss`; it reads its prompt from here.
-        self._teacher_batch = inputs
-        try:
-            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
-        finally:
-            self._teacher_batch = None
-
     def _get_last_hidden_state(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs):
         if unwrapped_model is not self.accelerator.unwrap_model(self.teacher_model):
             return super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
-        batch = getattr(self, "_teacher_batch", None)
+        batch = self.scored_batch  # the micro-batch `_compute_loss` is scoring (`ScoringMixin`)
         if batch is not None and "teacher_prompt_ids" in batch:
             # Same completion tokens, right-padded alike, so the last `logits_to_keep` positions line up with the
-            # student's; only the prompt in front of them differs.
+            # student's; only the prompt in front of them differs. `ScoringMixin` numbers the positions from the
+            # teacher prompt's own first token, as if the teacher had generated the completion after it.
             input_ids = torch.cat([batch["teacher_prompt_ids"], batch["completion_ids"]], dim=1)
             attention_mask = torch.cat([batch["teacher_prompt_mask"], batch["completion_mask"]], dim=1)
         if isinstance(unwrapped_model, BaseWeightsTeacher):

@@ -1,12 +1,15 @@
 """On-policy, measured: the log-probability of every sampled token under the generation path against the training
-forward, logged every step.
+forward, logged every logging step.
 
 Rollouts must come from the policy being trained. The generation path and the training forward compute the same
 function with different kernels (a token at a time with a KV cache, or vLLM with its own weights and kernels), so
-they agree only to rounding. `RolloutCheckMixin` records, for every sampled completion token, ``log p_gen`` (the
-sampling distribution at temperature ``T``, before top-k / top-p truncation) and, in the loss, ``log p_train`` from
-the student's training-forward hidden states projected exactly as TRL's divergence projects them. It logs
-``rollout/logp_abs_diff`` (mean over tokens), ``rollout/logp_abs_diff_max`` and ``rollout/logp_diff`` (mean signed).
+they agree only to rounding. `RolloutCheckMixin` records, for every sampled completion token, ``log p_gen``: the
+sampling distribution at temperature ``T`` before top-k / top-p truncation, from transformers' `generate` (a logits
+processor) or from vLLM (its "processed" log-probabilities, `logprobs=0`). In the loss it computes ``log p_train``
+from the student's hidden states of the training forward, projected as TRL's divergence projects them, and
+accumulates ``|log p_gen - log p_train|`` over the logging window. It logs ``rollout/logp_abs_diff`` (the mean over
+every sampled token of every micro-batch and rank in the window), ``rollout/logp_abs_diff_max`` (their maximum) and
+``rollout/logp_diff`` (the signed mean).
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 from trl.trainer.utils import pad
+
+from ..distributed import gathered
+
+# Per-micro-batch sums kept in TRL's metric store (so they are cleared with it) and reduced by `log`, which would
+# otherwise average them: a mean of means is not token-weighted, a mean of maxima is not a maximum.
+_SUMS = ("rollout/_abs_sum", "rollout/_signed_sum", "rollout/_tokens", "rollout/_abs_max")
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -47,8 +55,8 @@ class SampledLogprobs(LogitsProcessor):
             self.steps.append(self._pending.gather(-1, sampled[:, None]).squeeze(-1))
             self._pending = None
 
-    def per_completion(self, completion_ids: list[list[int]]) -> list[torch.Tensor] | None:
-        """Per completion (as TRL cut it: up to its first EOS), the log-probabilities of its tokens."""
+    def per_completion(self, lengths: list[int]) -> list[torch.Tensor] | None:
+        """Per completion (of these lengths, as TRL cut them: up to the first EOS), its tokens' log-probabilities."""
         if self.sequences is None or self.prompt_length is None:
             return None
         position = self.prompt_length + len(self.steps)
@@ -57,15 +65,30 @@ class SampledLogprobs(LogitsProcessor):
         if not self.steps:
             return None
         logprobs = torch.stack(self.steps, dim=1).cpu()
-        return [logprobs[i, : len(ids)] for i, ids in enumerate(completion_ids)]
+        return [logprobs[i, :n] for i, n in enumerate(lengths)]
 
 
 @contextlib.contextmanager
-def recording_generate(model, recorder: SampledLogprobs) -> Iterator[None]:
-    """Make ``model.generate`` (the instance's, as TRL calls it) run ``recorder`` among its logits processors and keep
-    the generated sequences for it."""
-    original = model.generate
-    had_own = "generate" in vars(model)  # FSDP2 registers `generate` on the instance to unshard around it
+def _instance_attributes(obj, **values) -> Iterator[None]:
+    """Set attributes on the instance for the duration of the block; restore (or remove) them afterwards."""
+    own = vars(obj)
+    saved = {name: (name in own, own.get(name)) for name in values}
+    for name, value in values.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, (had, original) in saved.items():
+            if had:
+                setattr(obj, name, original)
+            else:
+                delattr(obj, name)  # the class attribute (a method) is visible again
+
+
+def recording_generate(model, recorder: SampledLogprobs):
+    """While the block runs, ``model.generate`` (the instance's, as TRL calls it) runs ``recorder`` among its logits
+    processors and keeps the generated sequences for it."""
+    original = model.generate  # FSDP2 registers its own `generate` on the instance to unshard around it
 
     def generate(*args, **kwargs):
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
@@ -74,111 +97,154 @@ def recording_generate(model, recorder: SampledLogprobs) -> Iterator[None]:
         recorder.sequences = sequences
         return sequences
 
-    model.generate = generate
-    try:
-        yield
-    finally:
-        if had_own:
-            model.generate = original
-        else:
-            del model.generate  # the class method is visible again
+    return _instance_attributes(model, generate=generate)
 
 
-def _projected_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias, scale: float, softcap, temperature: float,
-                        tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of ``tokens`` from the student's hidden states, projected as TRL's divergence does."""
-    if isinstance(weight, torch.distributed.tensor.DTensor):
-        weight = weight.full_tensor().to(hidden.dtype)
-        bias = bias.full_tensor() if bias is not None else None
-    logits = F.linear(hidden, weight, bias).float() * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+class VLLMLogprobs:
+    """Records the sampled tokens' log-probabilities that TRL's `VLLMGeneration.generate` returns when asked for them
+    (`logprobs=0`: the sampled token only), and which TRL's distillation trainer discards."""
+
+    def __init__(self):
+        self.logprobs: list | None = None
+
+    def per_completion(self, lengths: list[int]) -> list[torch.Tensor] | None:
+        if self.logprobs is None:
+            return None
+        return [torch.tensor([float("nan") if step[0] is None else step[0] for step in lp[:n]], dtype=torch.float32)
+                for lp, n in zip(self.logprobs, lengths, strict=True)]
+
+
+def recording_vllm(vllm_generation, recorder: VLLMLogprobs):
+    """While the block runs, TRL's ``vllm_generation`` asks vLLM for the sampled tokens' log-probabilities
+    (`logprobs=0`) and hands them to ``recorder``."""
+    original = vllm_generation.generate
+
+    def generate(*args, **kwargs):
+        prompt_ids, completion_ids, logprobs, logprob_token_ids = original(*args, **kwargs)
+        recorder.logprobs = logprobs
+        return prompt_ids, completion_ids, logprobs, logprob_token_ids
+
+    return _instance_attributes(vllm_generation, generate=generate, logprobs=0)
+
+
+def logit_transform(config) -> tuple[float, float | None]:
+    """``(scale, softcap)`` that TRL's divergence applies to a model's logits before the temperature.
+
+    The scale is the config's `logit_scale`, else `output_multiplier`, else `lm_head_multiplier`, else
+    `1 / logits_scaling` (HyperCLOVA X multiplies by it), else 1; the softcap is `final_logit_softcapping`.
+    (`tests/test_trl_contract.py` checks that TRL still reads exactly these attributes.)
+    """
+    config = config.get_text_config()
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if scale is None:
+            scale = getattr(config, name, None)
+    scaling = getattr(config, "logits_scaling", None)
+    if scale is None and scaling is not None:
+        scale = scaling if config.model_type == "hyperclovax" else 1 / scaling
+    return (1.0 if scale is None else scale), getattr(config, "final_logit_softcapping", None)
+
+
+@torch.no_grad()
+def sampled_token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, config, tokens: torch.Tensor,
+                           temperature: float) -> torch.Tensor:
+    """Log-probabilities of ``tokens`` (N,) after hidden states (N, H), projected as TRL's divergence projects them:
+    the head in the compute dtype, logits in float32, scale, softcap, temperature. Chunked over tokens, so at most
+    ~64 MiB of logits exist at a time."""
+    scale, softcap = logit_transform(config)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    out = torch.empty(tokens.shape, dtype=torch.float32, device=hidden.device)
+    with gathered([head.weight] + ([head.bias] if head.bias is not None else [])) as full:
+        weight = full[0].to(dtype).float()
+        bias = full[1].float() if len(full) > 1 else None
+        step = max(1, 2**24 // weight.shape[0])
+        for start in range(0, tokens.numel(), step):
+            logits = hidden[start:start + step].to(dtype).float() @ weight.t()
+            if bias is not None:
+                logits += bias
+            logits = logits * scale
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            logits = logits / temperature
+            picked = logits.gather(-1, tokens[start:start + step, None]).squeeze(-1)
+            out[start:start + step] = picked - torch.logsumexp(logits, dim=-1)
+    return out
 
 
 class RolloutCheckMixin:
-    """Mixed in before `DistillationTrainer` (see the module docstring); `args.log_rollout_mismatch` switches it."""
+    """Mixed in before `DistillationTrainer` (see the module docstring); `args.log_rollout_mismatch` switches it. It
+    reads the micro-batch through `ScoringMixin.scored_batch`."""
 
     def _recording(self) -> bool:
         return bool(getattr(self.args, "log_rollout_mismatch", True)) and not self.tools
 
     def _generation_context(self):
-        """Entered around HF generation (a sparse-delta trainer merges where merging is exact)."""
+        """Entered around generation (a sparse-delta trainer merges where merging is exact)."""
         return contextlib.nullcontext()
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
-        if self.use_vllm:
-            return self._generate_single_turn_vllm(prompt_ids, images)
-        if not self._recording():
-            with self._generation_context():
-                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-        recorder = SampledLogprobs(self.temperature)
-        with self._generation_context(), recording_generate(self.accelerator.unwrap_model(self.model), recorder):
-            completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-        self._rollout_logprobs = recorder.per_completion(completion_ids)
-        return completion_ids
-
-    def _generate_single_turn_vllm(self, prompt_ids, images):
-        """TRL's vLLM branch, keeping the sampled tokens' log-probabilities that TRL discards."""
-        from trl.extras.profiling import profiling_context
-
-        if self.state.global_step != self._last_loaded_step:
-            with profiling_context(self, "sync_weights"):
-                self.vllm_generation.sync_weights()
-            self._last_loaded_step = self.state.global_step
-        _, completion_ids, logprobs, _ = self.vllm_generation.generate(
-            prompts=prompt_ids, images=images, num_generations=1, profiler=profiling_context(self, "vLLM.generate")
-        )
-        if self._recording() and logprobs is not None:
-            self._rollout_logprobs = [torch.tensor([step[0] for step in lp], dtype=torch.float32) for lp in logprobs]
-        return completion_ids
-
+    # generation -----------------------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
-        self._rollout_logprobs = None
-        output = super()._generate_and_score_completions(inputs)
-        if not self.model.training:
-            return output  # evaluation batches are not trained on
-        logprobs = getattr(self, "_rollout_logprobs", None)
-        if logprobs is not None and len(logprobs) == output["completion_ids"].shape[0]:
-            padded = pad([lp.float() for lp in logprobs], padding_value=0.0, padding_side="right",
-                         pad_to_multiple_of=self.pad_to_multiple_of)
-            width = output["completion_ids"].shape[1]
-            output["rollout_logprobs"] = padded[:, :width].to(output["completion_ids"].device)
+        recording = self._recording() and self.model.training  # evaluation batches are not trained on
+        if self.use_vllm:
+            recorder = VLLMLogprobs()
+            record = recording_vllm(self.vllm_generation, recorder) if recording else contextlib.nullcontext()
+        else:
+            recorder = SampledLogprobs(self.temperature)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            record = recording_generate(unwrapped, recorder) if recording else contextlib.nullcontext()
+        generating_here = contextlib.nullcontext() if self.use_vllm else self._generation_context()
+        with generating_here, record:
+            output = super()._generate_and_score_completions(inputs)
+        if recording:
+            # Every rank attaches the field (NaN where nothing was recorded), so every rank measures: the measurement
+            # may gather the output head, a collective.
+            completion_ids = output["completion_ids"]
+            lengths = output["completion_mask"].sum(dim=1).tolist()
+            logprobs = recorder.per_completion(lengths) or [torch.full((n,), float("nan")) for n in lengths]
+            padded = pad([lp.float() for lp in logprobs], padding_value=float("nan"), padding_side="right")
+            rollout = torch.full(completion_ids.shape, float("nan"))
+            width = min(padded.shape[1], rollout.shape[1])
+            rollout[:, :width] = padded[:, :width]
+            output["rollout_logprobs"] = rollout.to(completion_ids.device)
         return output
 
-    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        rollout = inputs.get("rollout_logprobs")
-        if rollout is None:
-            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
-        import trl.trainer.distillation_trainer as distillation
+    # measurement ----------------------------------------------------------------------------------------------------
+    def _get_last_hidden_state(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        hidden = super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
+        batch = self.scored_batch
+        if (batch is not None and "rollout_logprobs" in batch
+                and unwrapped_model is not self.accelerator.unwrap_model(self.teacher_model)):
+            self._measure_rollout(unwrapped_model, hidden.detach(), input_ids[:, -logits_to_keep:],
+                                  attention_mask[:, -logits_to_keep:], batch["rollout_logprobs"])
+        return hidden
 
-        original = distillation._chunked_divergence_loss
+    def _measure_rollout(self, student, hidden, tokens, mask, rollout) -> None:
+        head = student.get_output_embeddings()
+        width = min(tokens.shape[1], rollout.shape[1])
+        rollout = rollout[:, :width].to(hidden.device)
+        valid = mask[:, :width].bool().to(hidden.device) & torch.isfinite(rollout)
+        train = sampled_token_logprobs(hidden[:, :width][valid].to(head.weight.device), head, student.config,
+                                       tokens[:, :width][valid].to(head.weight.device), self.temperature)
+        diff = rollout[valid].to(train.device) - train
+        metrics = self._metrics["train"]
+        metrics[_SUMS[0]].append(float(diff.abs().sum()))
+        metrics[_SUMS[1]].append(float(diff.sum()))
+        metrics[_SUMS[2]].append(float(diff.numel()))
+        metrics[_SUMS[3]].append(float(diff.abs().max()) if diff.numel() else 0.0)
 
-        def measured(student_hidden, teacher_hidden, student_weight, teacher_weight, mask, beta, **kwargs):
-            with torch.no_grad():
-                train = _projected_logprobs(
-                    student_hidden.detach(), student_weight, kwargs.get("student_lm_head_bias"),
-                    kwargs.get("student_logit_scale", 1.0), kwargs.get("student_final_logit_softcapping"),
-                    kwargs.get("temperature", 1.0), inputs["completion_ids"],
-                )
-                self._log_mismatch(train, rollout.to(train.device), mask.bool())
-            return original(student_hidden, teacher_hidden, student_weight, teacher_weight, mask, beta, **kwargs)
-
-        distillation._chunked_divergence_loss = measured
-        try:
-            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
-        finally:
-            distillation._chunked_divergence_loss = original
-
-    def _log_mismatch(self, train: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> None:
-        width = min(train.shape[1], rollout.shape[1])
-        mask = mask[:, :width]
-        diff = (rollout[:, :width] - train[:, :width])[mask]
-        stats = torch.stack([diff.abs().sum(), diff.sum(), diff.abs().max() if diff.numel() else diff.new_zeros(()),
-                             diff.new_tensor(float(diff.numel()))])
-        stats = self.accelerator.gather(stats[None]).reshape(-1, 4)
-        count = stats[:, 3].sum().clamp(min=1)
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["rollout/logp_abs_diff"].append((stats[:, 0].sum() / count).item())
-        self._metrics[mode]["rollout/logp_diff"].append((stats[:, 1].sum() / count).item())
-        self._metrics[mode]["rollout/logp_abs_diff_max"].append(stats[:, 2].max().item())
+    # logging --------------------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if not self.model.training:  # an evaluation's log: TRL reads the "eval" metrics, ours stay for training's
+            return super().log(logs, start_time)
+        sums = [self._metrics["train"].pop(key, []) for key in _SUMS]
+        if self._recording() and "loss" in logs:  # a training log (not the summary after training)
+            local = torch.tensor([sum(sums[0]), sum(sums[1]), sum(sums[2]), max(sums[3], default=0.0)],
+                                 dtype=torch.float64, device=self.accelerator.device)
+            every = self.accelerator.gather(local[None]).reshape(-1, 4)  # every rank logs: a collective
+            tokens = float(every[:, 2].sum())
+            if tokens > 0:
+                logs["rollout/logp_abs_diff"] = float(every[:, 0].sum()) / tokens
+                logs["rollout/logp_diff"] = float(every[:, 1].sum()) / tokens
+                logs["rollout/logp_abs_diff_max"] = float(every[:, 3].max())
+        super().log(logs, start_time)

@@ -1,18 +1,12 @@
-"""`SparseOPDTrainer`: TRL's on-policy distillation, training a sparse delta, with context distillation and telemetry.
+"""`SparseOPDTrainer`: `OPDTrainer` training a sparse delta, with the weight-space telemetry and its own model card.
 
-What it changes in `trl.DistillationTrainer`, and where:
+What it adds to `OPDTrainer` (whose overrides of `trl.DistillationTrainer` are listed in `opd_trainer.py`):
 - `__init__`: turns a mask strategy from the config into a `SparseDeltaConfig` (or accepts a sparse-delta
-  `PeftModel` / `peft_config`), and, without a teacher model, makes the student's own base weights the teacher.
-- `_generate_and_score_completions`: adds the teacher's privileged prompt ids to the batch (`PrivilegedTeacherMixin`)
-  and the sampled tokens' generation log-probabilities (`RolloutCheckMixin`).
-- `_compute_loss` / `_get_last_hidden_state`: the teacher scores the same completion tokens after its own prompt, in
-  eval mode; the base-weights teacher runs the student with the adapter disabled (`PrivilegedTeacherMixin`); the
-  rollout/training log-probability mismatch is measured (`RolloutCheckMixin`).
-- `_generate_single_turn`: generates from exactly the trained policy (fp32 layers merged bit for bit, others through
-  the sparse path), recording the sampled tokens' log-probabilities; with vLLM, keeps vLLM's (`RolloutCheckMixin`).
+  `PeftModel` / `peft_config`); with vLLM, installs the sparse weight sync (`vllm_sync.py`).
+- `_generation_context`: generation samples exactly the trained policy (fp32 layers merged bit for bit, others
+  through the layer's sparse path).
+- `train`: with `mask_strategy="gradient"`, discovers the coordinates first (or adopts a checkpoint's).
 - `log`: adds the weight-space telemetry; `create_model_card`: the adapter's own card (loading, training, results).
-Generation, the generalized JSD loss, gradient accumulation, checkpoints, resume, hub pushes and distributed training
-are `DistillationTrainer`'s own.
 """
 
 from __future__ import annotations
@@ -167,8 +161,6 @@ class SparseOPDTrainer(OPDTrainer):
         self.model_card_details: dict = {}
         if self.use_vllm:
             install_vllm_sync(self.vllm_generation, self.model)
-            if self._recording():
-                self.vllm_generation.logprobs = 0  # the sampled token's log-probability, for rollout/logp_abs_diff
         self._update_norms = UpdateNormCallback(self.adapter_name)
         if args.log_weight_stats:
             self.add_callback(self._update_norms)
