@@ -10,7 +10,8 @@ reference solution) or `separate` (a perturbed copy, shown the plain prompt); ma
 Variants: `resume` (a straight run against a resumed one), `vllm` (rollouts from TRL's vLLM server path, the server a
 stand-in that starts from the teacher's weights and samples the student only through the trainer's weight sync),
 `gpt2` (the student is a GPT-2 as it ships, absolute position embeddings and 0.1 dropout, trained 4 mixed-length
-prompts per micro-batch). OUT holds `student/`, `teacher/`, `gpt2/` and `mask.safetensors` made by the test.
+prompts per micro-batch). OUT holds `student/`, `teacher/`, `gpt2/` and `mask.safetensors` made by the test. The cells run on the CPU; with
+`OPD_MATRIX_DEVICE=cuda` (benchmarks/gpu_check.py) a single-process cell runs on the GPU.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def make_args(out, dist, dtype, mask, teacher, **overrides):
     fields = {
         "output_dir": out, "mask_density": 0.2, "per_device_train_batch_size": 2, "max_steps": STEPS,
         "logging_steps": 1, "max_completion_length": 6, "learning_rate": 2e-2 if teacher == "separate" else 2e-3,
-        "use_cpu": True, "bf16": dtype == "bf16", "report_to": "none", "save_strategy": "no", "seed": 0,
+        "use_cpu": os.environ.get("OPD_MATRIX_DEVICE", "cpu") == "cpu", "bf16": dtype == "bf16", "report_to": "none", "save_strategy": "no", "seed": 0,
         "dataloader_num_workers": 0, "model_init_kwargs": {"dtype": _dtype(dtype)},
         "teacher_model_init_kwargs": {"dtype": _dtype(dtype)} if teacher == "separate" else None,
         "mask_probe_steps": 2, "mask_probe_learning_rate": 1e-3,
@@ -268,7 +269,7 @@ def _logits(trainer) -> torch.Tensor:
 
     model = trainer.model
     model.eval()
-    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]], device=trainer.accelerator.device)
     with gathered([p for p in model.parameters() if is_zero3_param(p)]):
         logits = model(input_ids=ids).logits.float().cpu().clone()
     model.train()
