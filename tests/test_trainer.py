@@ -780,3 +780,24 @@ def test_rollout_metrics_are_a_token_weighted_mean_and_a_true_maximum(tmp_path, 
     assert logged["rollout/logp_abs_diff_max"] == pytest.approx(0.4, abs=1e-4)
     assert logged["rollout/logp_abs_diff"] == pytest.approx(expected_mean, abs=1e-4)
     assert logged["rollout/logp_diff"] == pytest.approx(expected_mean, abs=1e-4)  # generation above training
+
+
+def test_vllm_rollouts_come_from_the_synced_policy_and_are_checked(tmp_path, tokenizer, train_set, monkeypatch):
+    """Through TRL's own VLLMGeneration (server mode), with a stand-in server that starts from other weights: the
+    rollouts match the training forward to rounding only if every weight sync arrived, and the sampled tokens'
+    log-probabilities come from vLLM's answer (logprobs=0), which TRL's distillation trainer discards."""
+    import trl.trainer.distillation_trainer as distillation
+    from vllm_stand_in import stand_in_generation
+
+    monkeypatch.setattr(distillation, "is_vllm_available", lambda: True)
+    monkeypatch.setattr(distillation, "VLLMGeneration", stand_in_generation(lambda: peaked_teacher(tokenizer)))
+    args = make_args(tmp_path, use_vllm=True, vllm_mode="server", max_steps=3, mask_strategy="random")
+    trainer = SparseOPDTrainer(model=student_model(tokenizer), args=args, train_dataset=train_set,
+                               processing_class=tokenizer)
+    trainer.train()
+    server = trainer.vllm_generation.server
+    assert len(server.synced) == 3, "one sync per optimizer step"
+    assert server.synced[0] > server.synced[1], "the first sync sends everything, later ones the adapted weights"
+    assert trainer.vllm_generation.logprobs is None, "the request for log-probabilities is scoped to generation"
+    gaps = logged_gaps(trainer)
+    assert len(gaps) == 3 and max(gaps) <= 1e-5, gaps
