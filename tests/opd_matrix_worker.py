@@ -6,7 +6,8 @@ measured to `<out>/<dist>/<cell>/rank<r>.pt`; the test compares ranks and checks
 
 DIST is single, ddp, fsdp2 or zero3. A CELL is `dtype-teacher-mask[+variant...]` (e.g. `bf16-base-near_zero`,
 `fp32-separate-file+vllm`): dtype fp32 or bf16; teacher `base` (the student's base weights with the privileged
-reference solution) or `separate` (a perturbed copy, shown the plain prompt); mask `file`, `probe` or `near_zero`.
+reference solution) or `separate` (a perturbed copy, shown the plain prompt); mask `file`, `gradient` (discovery at
+the start of training), `probe` or `near_zero`.
 Variants: `resume` (a straight run against a resumed one), `vllm` (rollouts from TRL's vLLM server path, the server a
 stand-in that starts from the teacher's weights and samples the student only through the trainer's weight sync),
 `gpt2` (the student is a GPT-2 as it ships, absolute position embeddings and 0.1 dropout, trained 4 mixed-length
@@ -48,7 +49,7 @@ def make_args(out, dist, dtype, mask, teacher, **overrides):
         "use_cpu": os.environ.get("OPD_MATRIX_DEVICE", "cpu") == "cpu", "bf16": dtype == "bf16", "report_to": "none", "save_strategy": "no", "seed": 0,
         "dataloader_num_workers": 0, "model_init_kwargs": {"dtype": _dtype(dtype)},
         "teacher_model_init_kwargs": {"dtype": _dtype(dtype)} if teacher == "separate" else None,
-        "mask_probe_steps": 2, "mask_probe_learning_rate": 1e-3,
+        "mask_probe_steps": 2, "mask_probe_learning_rate": 1e-3, "mask_gradient_steps": 2,
     }
     fields["mask_strategy"] = mask
     if mask == "file":
@@ -178,6 +179,8 @@ def run_cell(root: str, dist: str, cell: str) -> dict:
     # copies: a tensor viewing FSDP's own storage does not load back from a file
     result["merged"] = {n: w.detach().float().cpu().clone() for n, w in iter_merged_named_weights(model)}
     result["logits"] = _logits(trainer)
+    discovery = getattr(trainer, "discovery", None)
+    result["discovery"] = discovery.report if discovery is not None else None
     trainer.save_model(os.path.join(out, "adapter"))
     result["values"] = _gathered_values(model, trainer.adapter_name)
     if trainer.use_vllm:

@@ -30,11 +30,13 @@ WORKER = Path(__file__).with_name("opd_matrix_worker.py")
 STEPS = 4  # opd_matrix_worker.STEPS
 LAUNCHES = {  # distribution -> cells (dtype-teacher-mask[+variant...], see opd_matrix_worker.py)
     "single": ["fp32-base-file", "fp32-base-probe", "fp32-separate-near_zero", "bf16-separate-file",
-               "fp32-base-file+resume", "fp32-base-near_zero+gpt2"],
-    "ddp": ["fp32-base-probe", "fp32-separate-file", "bf16-base-near_zero", "fp32-separate-file+resume"],
-    "fsdp2": ["fp32-base-near_zero", "fp32-separate-file", "bf16-base-file", "fp32-separate-file+resume"],
+               "fp32-base-file+resume", "fp32-base-near_zero+gpt2", "fp32-base-gradient"],
+    "ddp": ["fp32-base-probe", "fp32-separate-file", "bf16-base-near_zero", "fp32-separate-file+resume",
+            "fp32-separate-gradient"],
+    "fsdp2": ["fp32-base-near_zero", "fp32-separate-file", "bf16-base-file", "fp32-separate-file+resume",
+              "fp32-base-gradient", "bf16-separate-gradient"],
     "zero3": ["fp32-base-near_zero", "fp32-separate-file", "bf16-separate-near_zero", "fp32-separate-file+resume",
-              "fp32-separate-file+vllm"],
+              "fp32-separate-file+vllm", "fp32-separate-gradient", "bf16-base-gradient", "fp32-base-gradient+resume"],
 }
 CELLS = [(dist, cell) for dist, cells in LAUNCHES.items() for cell in cells]
 
@@ -144,6 +146,23 @@ def check_cell(root: Path, dist: str, cell: str) -> None:
         assert len(set(first["prompt_lengths"])) > 1, "the GPT-2 cell should have left-padded micro-batches"
     if "vllm" in variants:
         _the_server_received_the_policy(first)
+    if parse_cell(cell)[2] == "gradient":
+        _discovery_sharded_its_statistics(ranks, first)
+
+
+def _discovery_sharded_its_statistics(ranks, first):
+    """Gradient discovery ran, kept 8 B per adapted entry divided by the ranks, and moved the adapter off its
+    provisional (evenly spaced) coordinates onto the same mask on every rank (checked above)."""
+    for result in ranks:
+        report = result["discovery"]
+        assert report is not None and report["micro_batches"] == 2 and report["tokens"] > 0, report
+        assert report["accumulator_bytes_per_entry"] == pytest.approx(8 / len(ranks), rel=1e-3), report
+    from sparse_opd.trainer.discovery import provisional_indices
+
+    for name, indices in first["indices"].items():
+        shape = tuple(first["merged"][name.removeprefix("base_model.model.") + ".weight"].shape)
+        provisional = provisional_indices({name: indices.numel()}, {name: shape})[name]
+        assert not torch.equal(indices, provisional), f"{name}: still on its provisional coordinates"
 
 
 def _only_masked_coordinates_moved(root, result, dtype, variants):
