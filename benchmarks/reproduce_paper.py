@@ -118,8 +118,10 @@ def opd_args(out_dir, seed, learning_rate, **overrides):
 
 def score(model, tokenizer, test, prompt_column="prompt"):
     from sparse_opd.tasks import evaluate_model
+    from sparse_opd.tuner import merged_sparse_delta  # a sparse delta generates merged where exact (a no-op otherwise)
 
-    result = evaluate_model(model, tokenizer, test, prompt_column=prompt_column, max_new_tokens=EVAL_TOKENS)
+    result = evaluate_model(model, tokenizer, test, prompt_column=prompt_column, max_new_tokens=EVAL_TOKENS,
+                            generation_context=merged_sparse_delta)
     correct = [int(c) for c in result.correct]
     return {
         "accuracy": result.accuracy,

