@@ -1,12 +1,14 @@
 """Which coordinates should the default run train? The default recipe (`--config cpu`) with each mask strategy at
-the same density, the same steps and the same data, scored on the same held-out problems with paired standard
-errors; the probe's discovery time is measured inside the run.
+the same density, the same steps, learning rate and data, scored on the same held-out problems with paired standard
+errors, at several densities; discovery time is measured inside each run.
 
-    python benchmarks/mask_choice.py                               # probe, near_zero, random; 200 problems
+    python benchmarks/mask_choice.py                     # gradient, probe, near_zero, random at 0.1%, 1%, 5%
+    python benchmarks/mask_choice.py --densities 0.01 --strategies gradient gradient:fisher gradient:mean
     python benchmarks/mask_choice.py --strategies probe random -- --max_steps 12
 
-Flags after `--` go to the job (`sparse-opd train --help`). Results: <out>/<strategy>.json and a Markdown table on
-stdout (recorded in docs/example_output.md).
+A strategy is a `--mask_strategy` value; `gradient:STATISTIC` sets `--mask_gradient_statistic`. Flags after `--` go
+to the job (`sparse-opd train --help`). Results: <out>/d<density>/<strategy>.json and a Markdown table per density on
+stdout (recorded in docs/masks.md).
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from sparse_opd import job
 from sparse_opd.job.models import load_student, share_cpu_threads
 from sparse_opd.job.training import make_trainer
 
-STRATEGIES = ("probe", "near_zero", "random")
+STRATEGIES = ("gradient", "probe", "near_zero", "random")
+CHOICES = (*STRATEGIES, "gradient:snr", "gradient:fisher", "gradient:mean")
+DENSITIES = (0.001, 0.01, 0.05)
 
 
-def run_strategy(strategy: str, args, test, out: Path) -> dict:
-    training = dataclasses.replace(args.training, mask_strategy=strategy, output_dir=str(out / strategy),
-                                   save_strategy="no")
-    args = args._replace(training=training)
+def run_strategy(strategy: str, density: float, args, test, out: Path) -> dict:
+    name, _, statistic = strategy.partition(":")
+    fields = {"mask_strategy": name, "mask_density": density, "output_dir": str(out / strategy.replace(":", "-")),
+              "save_strategy": "no"}
+    if statistic:
+        fields["mask_gradient_statistic"] = statistic
+    args = args._replace(training=dataclasses.replace(args.training, **fields))
     student, tokenizer = load_student(args)
     train, _ = job.load_data(args.job)
     started = time.perf_counter()
@@ -36,10 +43,14 @@ def run_strategy(strategy: str, args, test, out: Path) -> dict:
     started = time.perf_counter()
     trainer.train()
     training = time.perf_counter() - started
+    report = trainer.discovery.report if getattr(trainer, "discovery", None) is not None else None
+    if report:  # gradient discovery runs at the start of train()
+        discovery, training = discovery + report["seconds"], training - report["seconds"]
     after = job.evaluate(trainer.model, tokenizer, test, args, desc=f"evaluation ({strategy})", trainer=trainer)
     counts = trainer.model.peft_config[trainer.adapter_name].module_counts
-    return {"strategy": strategy, "discovery_s": discovery, "train_s": training, "accuracy": after.accuracy,
-            "coordinates": sum(counts.values()), "correct": [int(c) for c in after.correct]}
+    return {"strategy": strategy, "density": density, "discovery_s": discovery, "train_s": training,
+            "accuracy": after.accuracy, "coordinates": sum(counts.values()),
+            "correct": [float(c) for c in after.correct], "discovery": report}
 
 
 def table(base: dict, results: list[dict]) -> str:
@@ -60,7 +71,8 @@ def table(base: dict, results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=CHOICES)
+    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--num_eval", type=int, default=200, help="held-out problems")
     parser.add_argument("--out", default="outputs/mask_choice")
     parser.add_argument("job_flags", nargs="*", help="flags for the job, after `--`")
@@ -79,18 +91,21 @@ def main() -> None:
             base = json.loads(base_path.read_text())
         else:
             before = job.evaluate(student, tokenizer, test, args, desc="evaluation (base)")
-            base = {"accuracy": before.accuracy, "correct": [int(c) for c in before.correct]}
+            base = {"accuracy": before.accuracy, "correct": [float(c) for c in before.correct]}
             base_path.write_text(json.dumps(base))
         del student
-        results = []
-        for strategy in cli.strategies:
-            path = out / f"{strategy}.json"
-            if not path.exists():
-                path.write_text(json.dumps(run_strategy(strategy, args, test, out)))
-            results.append(json.loads(path.read_text()))
-            print(f"{strategy}: {100 * results[-1]['accuracy']:.1f}%", flush=True)
-    print(table(base, results))
-
+        tables = []
+        for density in cli.densities:
+            results = []
+            for strategy in cli.strategies:
+                path = out / f"d{density:g}" / f"{strategy.replace(':', '-')}.json"
+                if not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(run_strategy(strategy, density, args, test, path.parent)))
+                results.append(json.loads(path.read_text()))
+                print(f"{100 * density:g}% {strategy}: {100 * results[-1]['accuracy']:.1f}%", flush=True)
+            tables.append(f"### density {100 * density:g}%\n\n" + table(base, results))
+    print("\n\n".join(tables))
 
 if __name__ == "__main__":
     main()
