@@ -29,6 +29,7 @@ from ..masks.gradient_stats import GradientStatistics
 from ..masks.sparse_mask import SparseMask, normalize_module_name
 from ..masks.top_k import top_k_indices
 from ..tuner import sparse_delta_layers
+from ..tuner.functional import rows_per_block
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,12 @@ class GradientDiscovery(TrainerCallback):
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
         layers = {normalize_module_name(n): m for n, m in sparse_delta_layers(model, trainer.adapter_name).items()}
+        adapter = trainer.adapter_name
+        block_rows = {n: rows_per_block(layer.weight_shape, layer.delta_specs[adapter].block_elements)
+                      for n, layer in layers.items()}
+        device = next(iter(layers.values())).sparse_delta_indices[adapter].device
         stats = GradientStatistics({n: layer.weight_shape for n, layer in layers.items()}, group=group,
-                                   statistics=statistics or (self.statistic,))
+                                   statistics=statistics or (self.statistic,), block_rows=block_rows, device=device)
         tokens_seen = trainer.state.num_input_tokens_seen
         values = [p for layer in layers.values() for p in layer.sparse_delta_values.parameters() if p.requires_grad]
         for name, layer in layers.items():
