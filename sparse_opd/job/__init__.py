@@ -25,6 +25,24 @@ from .data import load_data
 from .evaluation import evaluate
 
 
+def _timed(phase: str):
+    """Record a step's wall time in `OPDJob.phases` (the summary lists the phases, which add up to the total)."""
+    import functools
+
+    def wrap(step):
+        @functools.wraps(step)
+        def timed(self, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return step(self, *args, **kwargs)
+            finally:
+                self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - started
+
+        return timed
+
+    return wrap
+
+
 class OPDJob:
     """The job's state and its steps, in the order `run` takes them (examples/opd_math.py calls them one by one).
 
@@ -35,6 +53,7 @@ class OPDJob:
     def __init__(self, args: Arguments):
         self.args = args
         self.started = time.perf_counter()
+        self.phases: dict[str, float] = {}  # seconds by phase, in the order they ran
         self.results: dict = {}  # EvalResult by label: "student before", "teacher", "student after"
         self.divergences: dict = {}  # DivergenceResult by label: "student before", "student after"
         self.student = self.tokenizer = self.teacher = self.trainer = None
@@ -45,6 +64,7 @@ class OPDJob:
         """Parse the flags over a preset; refused flags and bad paths end here, before anything loads."""
         return cls(parse_args(argv, prog))
 
+    @_timed("data")
     def load_data(self) -> None:
         """The training and held-out data, with the teacher's prompts; checks that the teacher has a context and
         says how the run will be evaluated (`evaluation.plan`)."""
@@ -60,6 +80,7 @@ class OPDJob:
         check_teacher_context(config, config.teacher_model_name_or_path, self.train_data)
         say(self.plan.reason)
 
+    @_timed("models")
     def load_models(self) -> None:
         """The device (printed with the reason it was chosen), the student and its tokenizer, and the teacher."""
         from .data import teacher_sees
@@ -72,6 +93,7 @@ class OPDJob:
         say(f"student: {self.student.name_or_path}; teacher: "
             f"{teacher_sees(self.args.job, self.args.training, self.teacher, self.train_data)}")
 
+    @_timed("evaluation before")
     def evaluate_before(self) -> None:
         """Is the teacher worth distilling? The student's and the teacher's scores (warnings when the teacher is not
         clearly better, or is shown only final answers), and the teacher-student divergence the training minimizes."""
@@ -101,10 +123,17 @@ class OPDJob:
         """Discover the coordinates (inside `SparseOPDTrainer`: --mask_strategy) and distill into the sparse delta."""
         from .training import make_trainer
 
+        started = time.perf_counter()
         self.trainer = make_trainer(self.student, self.teacher, self.tokenizer, self.train_data, self.test_data,
-                                    self.args)
+                                    self.args)  # the probe and the priors build the mask here
+        built = time.perf_counter()
         self.trainer.train(resume_from_checkpoint=self.args.training.resume_from_checkpoint)
+        report = getattr(getattr(self.trainer, "discovery", None), "report", None)
+        discovery = (built - started) + (report["seconds"] if report else 0.0)  # gradient discovery: in train()
+        self.phases["discovery"] = discovery
+        self.phases["training"] = time.perf_counter() - started - discovery
 
+    @_timed("evaluation after")
     def evaluate_after(self) -> None:
         """The trained student on the same held-out rows: its score, and its divergence from the teacher."""
         from .evaluation import divergence
@@ -122,6 +151,7 @@ class OPDJob:
             say(f"divergence from the teacher after:  {self.divergences['student after']}\n"
                 f"{divergence_change(self.divergences)}")
 
+    @_timed("saving")
     def save(self) -> None:
         """Save (or push) the adapter with a card that states what it is and what it scored."""
         from .data import task_description
@@ -136,7 +166,7 @@ class OPDJob:
 
         if self.trainer.is_world_process_zero():
             say(summary(self.trainer, self.args, self.results, task_description(self.args.job), self.started,
-                        self.divergences))
+                        self.divergences, self.phases))
 
     def run(self) -> dict:
         """Every step in order; returns the `EvalResult`s by label (empty when the answers cannot be scored: the

@@ -8,10 +8,12 @@ from pathlib import Path
 from .arguments import Arguments
 
 
-def summary(trainer, args: Arguments, results: dict, task: str, started: float, divergences: dict | None = None) -> str:
+def summary(trainer, args: Arguments, results: dict, task: str, started: float, divergences: dict | None = None,
+            phases: dict[str, float] | None = None) -> str:
     """The closing report, as lines of text (`results`: `EvalResult`s by label, "student before", "teacher" and
     "student after", when the answers were scored; `divergences`: `DivergenceResult`s "student before" and "student
-    after", when the divergence was measured; `started`: `time.perf_counter()` at the start of the run)."""
+    after", when the divergence was measured; `started`: `time.perf_counter()` at the start of the run; `phases`:
+    seconds by phase)."""
     from ..tuner.model_card import coverage
 
     coordinates, entries, matrices = coverage(trainer.model.peft_config[trainer.adapter_name])
@@ -20,13 +22,33 @@ def summary(trainer, args: Arguments, results: dict, task: str, started: float, 
     lines += score_lines(results, divergences)
     lines.append(f"trained coordinates: {coordinates:,} = {100 * coordinates / max(entries, 1):.2f}% of "
                  f"{matrices} weight matrices (mask: {trainer.args.mask_strategy or 'given'})")
+    lines += discovery_lines(trainer)
     lines.append(f"adapter: {adapter} ({adapter.stat().st_size / 2**20:.2f} MiB) with its model card (README.md)")
     if args.job.analyze:
         lines += analysis(trainer, args)
     if trainer.args.push_to_hub:
         lines.append(f"pushed to the Hub: {trainer.hub_model_id}")
-    lines.append(f"total time: {time.perf_counter() - started:.0f}s")
+    lines.append(time_line(phases or {}, time.perf_counter() - started))
     return "\n".join(lines)
+
+
+def discovery_lines(trainer) -> list[str]:
+    """What gradient discovery did (`mask_strategy="gradient"`), in one line; nothing for other strategies."""
+    report = getattr(getattr(trainer, "discovery", None), "report", None)
+    if not report:
+        return []
+    return [f"discovery: {report['statistic']} of the OPD gradient over {report['batches']} rollout batches "
+            f"({report['micro_batches']} micro-batches, {report['tokens']:,} completion tokens) in "
+            f"{report['seconds']:.0f}s, {report['accumulator_bytes_per_entry']:.1f} B per adapted weight entry per "
+            f"process"]
+
+
+def time_line(phases: dict[str, float], total: float) -> str:
+    """The run's wall time by phase; the phases and "other" (the summary itself, the analyzer) add up to the total."""
+    if not phases:
+        return f"total time: {total:.0f}s"
+    shown = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in phases.items())
+    return f"total time: {total:.0f}s ({shown}, other {max(0.0, total - sum(phases.values())):.0f}s)"
 
 
 def held_out(results: dict, divergences: dict | None) -> str:
