@@ -7,15 +7,15 @@ Steps (each recorded with its time; a failing step is recorded and the others st
 
 1. job: the default job (`sparse-opd train`) with the `gpu` preset, bf16, on the embedded SmolLM2-135M-Instruct,
    shortened to fit (fewer steps, shorter completions, fewer evaluation problems: the flags are in the JSON).
-2. matrix_bf16: the trainer matrix's bf16 cells (tests/test_trainer_matrix.py), each run as one process on the GPU
+2. matrix_bf16: the trainer matrix's bf16 cells (tests/trainer/test_matrix.py), each run as one process on the GPU
    and checked with the matrix's own checks (the distributed cells need 2 GPUs; on one GPU they run single-process).
 3. generation: `generate` tokens/s in bf16, the bare model against the model with an unmerged 1% sparse delta.
 4. rollout_gap: `rollout/logp_abs_diff` (token-weighted mean) and `rollout/logp_abs_diff_max` of a few OPD steps
    on left-padded batches, in bf16 and fp32, with the largest logit and the heuristic bf16 bound 2^-6 * max|logit|.
 
 `--dry-run` runs every step on the CPU with tiny models (a 2-layer Llama built from a config, the matrix's tiny
-models, one bf16 cell) so that the script cannot rot: tests/test_gpu_check.py runs it. Record the GPU results in
-docs/benchmarks.md.
+models, one bf16 cell) so that the script cannot rot: tests/benchmarks/test_gpu_check.py runs it. Record the GPU
+results in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]  # generation_bench; tests.helpers, tests.trainer
 
 # The `gpu` preset shortened to a few minutes on one GPU (its own values: 500 steps x 64 prompts x 512 tokens)
 JOB_FLAGS = ["--max_steps", "8", "--gradient_accumulation_steps", "1", "--max_completion_length", "192",
@@ -55,7 +55,7 @@ def run_step(results: dict, name: str, function) -> None:
 
 
 def tiny_student_dir(root: Path) -> str:
-    from test_trainer_support import tiny_llama, tiny_tokenizer
+    from tests.helpers.tiny_opd import tiny_llama, tiny_tokenizer
 
     path = root / "tiny-student"
     tokenizer = tiny_tokenizer()
@@ -85,10 +85,10 @@ def run_job(work: Path, dry_run: bool) -> dict:
 
 def run_matrix_bf16(work: Path, dry_run: bool, device: str) -> dict:
     import torch
-    from opd_matrix_worker import run_cell
-    from test_trainer_matrix import LAUNCHES, _prepare, check_cell
 
     import sparse_opd  # noqa: F401  (registers the tuner for the checks' reloads)
+    from tests.helpers.opd_matrix_worker import run_cell
+    from tests.trainer.test_matrix import LAUNCHES, _prepare, check_cell
 
     cells = sorted({cell for cells in LAUNCHES.values() for cell in cells if cell.startswith("bf16")})
     cells = cells[:1] if dry_run else cells
@@ -157,7 +157,7 @@ def run_rollout_gap(work: Path, dry_run: bool, device: str) -> dict:
     from sparse_opd.trainer import SparseOPDConfig, SparseOPDTrainer
 
     if dry_run:
-        from test_trainer_support import tiny_llama, tiny_tokenizer
+        from tests.helpers.tiny_opd import tiny_llama, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         path = None

@@ -13,7 +13,8 @@ What it changes in `trl.DistillationTrainer` (every override calls `super()`), a
   states give the training log-probabilities of the sampled tokens (`RolloutCheckMixin`).
 - `log`: the rollout gap over the logging window, as a token-weighted mean and a true maximum (`RolloutCheckMixin`).
 Generation, the generalized JSD loss, gradient accumulation, checkpoints, resume, hub pushes, vLLM and distributed
-training are `DistillationTrainer`'s own. `tests/test_trl_contract.py` pins the TRL members these overrides rely on.
+training are `DistillationTrainer`'s own. `tests/trainer/test_trl_contract.py` pins the TRL members these overrides
+rely on.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def logit_transform(config) -> tuple[float, float | None]:
 
     The scale is the config's `logit_scale`, else `output_multiplier`, else `lm_head_multiplier`, else
     `1 / logits_scaling` (HyperCLOVA X multiplies by it), else 1; the softcap is `final_logit_softcapping`.
-    (`tests/test_trl_contract.py` checks that TRL still reads exactly these attributes.)
+    (`tests/trainer/test_trl_contract.py` checks that TRL still reads exactly these attributes.)
     """
     config = config.get_text_config()
     scale = None

@@ -4,7 +4,7 @@ PeftModel calls no hook of its tuner while it writes files, so a crash-safe save
 that keeps the adapter's card (`model_card.push_adapter_to_hub`) need PeftModel's own methods. Each replacement
 starts by handing every model whose tuner is not a `SparseDeltaModel` to PEFT's original method, unchanged and with
 the same arguments: LoRA and every other method save and push exactly as with PEFT alone
-(`tests/test_registration.py::test_lora_loads_saves_and_pushes_as_with_peft_alone`). Loading needs no hook: PEFT
+(`tests/tuner/test_registration.py::test_lora_loads_saves_and_pushes_as_with_peft_alone`). Loading needs no hook: PEFT
 reads a sparse-delta config through `SparseDeltaConfig.from_pretrained` and checks its tensors through the tuner's
 `_remap_adapter_state_dict_for_load`.
 """

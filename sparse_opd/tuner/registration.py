@@ -4,7 +4,7 @@ PEFT has no public hook for methods defined outside its source tree: `register_p
 `PeftType` enum, and enums cannot be extended by normal means. This module adds the member the way the enum machinery
 itself stores members, then calls PEFT's own registration. Nothing else of PEFT changes: saving and pushing are
 extended for sparse-delta models only (`peft_model_hooks.py`), loading goes through the tuner's own classes.
-`tests/test_registration.py` fails loudly if a PEFT upgrade changes these mechanisms.
+`tests/tuner/test_registration.py` fails loudly if a PEFT upgrade changes these mechanisms.
 """
 
 from __future__ import annotations
