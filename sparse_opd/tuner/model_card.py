@@ -48,8 +48,8 @@ model = model.merge_and_unload()  # optional: a plain transformers model with W 
 def loading_section(config, embedded_note: str | None = None) -> str:
     base = config.base_model_name_or_path or "<base model id>"
     total, _, matrices = coverage(config)
-    return f"""This is a **SparseDelta** adapter made with [sparse-opd](https://pypi.org/project/sparse-opd/): trained
-values on {total:,} fixed coordinates of {matrices} frozen weight matrices of `{base}`.
+    return f"""This is a **SparseDelta** adapter made with `sparse-opd` (a Python package installed from its source; it
+is not on PyPI): trained values on {total:,} fixed coordinates of {matrices} frozen weight matrices of `{base}`.
 
 {loading_code(base, embedded_note)}
 """
