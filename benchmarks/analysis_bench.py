@@ -69,7 +69,8 @@ def main():
     start, cpu_start = time.perf_counter(), time.process_time()
     report = smollm2(args.workdir) if args.which == "smollm2" else synthetic(args.layers)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds,
+                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "matrices": len(report.rows), "summary": report.summary()}))
 
 

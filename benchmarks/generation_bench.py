@@ -1,4 +1,5 @@
-"""Generation speed with an unmerged adapter: SparseDelta against the bare base model, LoRA and SHiRA, in fp32 and bf16.
+"""Generation speed with an unmerged adapter: SparseDelta against the bare base model, LoRA and SHiRA, in fp32 and
+bf16.
 
     python benchmarks/generation_bench.py [--model smollm2|tiny] [--dtypes float32 bfloat16] [--threads 2]
 

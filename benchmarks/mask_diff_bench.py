@@ -66,15 +66,15 @@ def main():
     largest = 0
     for path in files:
         with safe_open(path, framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open)
                 sl = f.get_slice(key)
                 numel = 1
                 for s in sl.get_shape():
                     numel *= s
                 largest = max(largest, numel * 4)
     size = sum(os.path.getsize(p) for p in files)
-    baseline = subprocess.run([sys.executable, "-c", "import resource, sparse_opd, torch; "
-                               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
+    rss = "import resource, sparse_opd, torch; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    baseline = subprocess.run([sys.executable, "-c", rss],
                               capture_output=True, text=True, check=True)
     result = subprocess.run([sys.executable, __file__, "--measure", "--workdir", args.workdir], capture_output=True,
                             text=True, check=True)

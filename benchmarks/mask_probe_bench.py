@@ -41,8 +41,9 @@ def run(steps: int, statistic: str, lr: float, data, tokenizer, workdir: str):
     model = AutoModelForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.float32)
     probe = ProbeCallback(statistic=statistic)
     args = TrainingArguments(
-        output_dir=workdir, max_steps=steps, per_device_train_batch_size=4, learning_rate=lr, lr_scheduler_type="constant",
-        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", seed=0, data_seed=0,
+        output_dir=workdir, max_steps=steps, per_device_train_batch_size=4, learning_rate=lr,
+        lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", seed=0,
+        data_seed=0,
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     start = time.perf_counter()

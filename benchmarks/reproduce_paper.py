@@ -165,7 +165,8 @@ def stage_full(out, run):
     result = train_and_score(trainer, tokenizer, test)
     trainer.model.save_pretrained(os.path.join(out, name, "model"))  # fp32, for the analyzer and the diff mask
     tokenizer.save_pretrained(os.path.join(out, name, "model"))
-    result.update(trainable=sum(p.numel() for p in student.parameters() if p.requires_grad), learning_rate=learning_rate)
+    result.update(trainable=sum(p.numel() for p in student.parameters() if p.requires_grad),
+                  learning_rate=learning_rate)
     save_result(out, name, result)
 
 
@@ -360,7 +361,8 @@ def stage_report(out):
     full_gain = None
     if done(out, "full_seed0"):
         full_gain = paired(before, load_result(out, "full_seed0")["correct"])[0]
-    print("| run | trainable | accuracy | gain vs base (paired SE) | share of full OPD gain | train s | peak RSS MiB |")
+    print("| run | trainable | accuracy | gain vs base (paired SE) | share of full OPD gain | train s "
+          "| peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows:
         gain, se = paired(before, r["correct"])
@@ -397,7 +399,7 @@ def sparse_update_size(adapter_file):
 
     squares, largest = 0.0, 0.0
     with safe_open(adapter_file, "pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open)
             if key.endswith("sparse_delta_values"):
                 values = f.get_tensor(key).float()
                 squares += float(values.square().sum())
@@ -406,7 +408,8 @@ def sparse_update_size(adapter_file):
 
 
 def probe_mask_overlap(out):
-    """Overlap of the mask the probe run found (read back from its adapter) with the diff, near-zero and random ones."""
+    """Overlap of the mask the probe run found (read back from its adapter) with the diff, near-zero and random
+    ones."""
     from peft import PeftModel
 
     from sparse_opd import adapter_mask

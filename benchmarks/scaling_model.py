@@ -85,19 +85,22 @@ def per_rank(shapes: dict, ranks: int, density: float = 0.01) -> dict:
 
 def table(name: str, ranks: int, density: float) -> str:
     result = per_rank(model_shapes(name), ranks, density)
-    lines = [f"### {name}: {result['params'] / 1e9:.2f}B parameters, {result['adapted'] / 1e9:.2f}B in adapted "
-             f"linears, {ranks} ranks, bf16 base", "",
-             "| method | trainable | per-rank memory (GiB) | gradient reduce / step (GiB) | base all-gathers / step (GiB) "
-             "| vLLM sync, first / later rounds (GiB) |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [(f"### {name}: {result['params'] / 1e9:.2f}B parameters, {result['adapted'] / 1e9:.2f}B in adapted "
+              f"linears, {ranks} ranks, bf16 base"), "",
+             ("| method | trainable | per-rank memory (GiB) | gradient reduce / step (GiB) "
+              "| base all-gathers / step (GiB) | vLLM sync, first / later rounds (GiB) |"),
+             "|---|---:|---:|---:|---:|---:|"]
     for method, row in result["rows"].items():
         sync = f"{row['sync_bytes'] / GiB:.2f} / {row['sync_later'] / GiB:.2f}"
         if "sync_coordinates" in row:
-            sync += f" (coordinates only: {row['sync_coordinates'] / GiB:.3f}, + {row['sync_indices_once'] / GiB:.2f} once)"
+            sync += (f" (coordinates only: {row['sync_coordinates'] / GiB:.3f}, "
+                     f"+ {row['sync_indices_once'] / GiB:.2f} once)")
         lines.append(f"| {method} | {row['trainable'] / 1e6:,.1f}M | {row['memory'] / GiB:.2f} | "
                      f"{row['grads_bytes'] / GiB:.3f} | {row['gather_bytes'] / GiB:.2f} | {sync} |")
     sparse = result["rows"][f"SparseDelta {density:.0%}"]
-    lines += ["", f"SparseDelta's replicated coordinates: {9 * result['k'] / GiB:.2f} GiB per rank (int64 indices + "
-              f"stream), + {sparse['generation_extra'] / GiB:.2f} GiB of CSR pattern once generation has run.", "",
+    lines += ["", (f"SparseDelta's replicated coordinates: {9 * result['k'] / GiB:.2f} GiB per rank (int64 indices "
+                   f"+ stream), + {sparse['generation_extra'] / GiB:.2f} GiB of CSR pattern once generation has run."),
+              "",
               "| mask discovery | per-rank memory (GiB) | vs SparseDelta training |", "|---|---:|---:|"]
     for method, row in result["discovery"].items():
         lines.append(f"| {method} | {row['memory'] / GiB:.2f} | {row['memory'] / sparse['memory']:.2f}x |")
@@ -153,7 +156,8 @@ def measure(density: float = 0.01) -> str:
     shapes = {"params": sum(p.numel() for p in model.parameters()), "linears": linears}
     predicted = per_rank(shapes, 2, density)
     rank = max(1, round(predicted["k"] / sum(r + c for r, c in linears.values())))
-    lines = ["| SmolLM2-135M, 2 ranks, FSDP2 | predicted per rank (MiB) | measured on rank 0 (MiB) |", "|---|---:|---:|"]
+    lines = ["| SmolLM2-135M, 2 ranks, FSDP2 | predicted per rank (MiB) | measured on rank 0 (MiB) |",
+             "|---|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "worker.py")
         with open(script, "w") as f:

@@ -77,12 +77,15 @@ def wrap(model, method: str, budget: str, init_weights: bool):
             p.requires_grad_(True)
         return model
     if method == "lora":
-        return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=init_weights))
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
+                                                init_lora_weights=init_weights))
     if method == "shira":
-        return get_peft_model(model, ShiraConfig(r=r, target_modules=TARGETS, random_seed=0, init_weights=init_weights))
+        return get_peft_model(model, ShiraConfig(r=r, target_modules=TARGETS, random_seed=0,
+                                                 init_weights=init_weights))
     if method == "supertuning":
         density = sum(counts.values()) / sum(a * b for a, b in shapes.values())
-        return get_peft_model(model, SupertuningConfig(sparsity=1 - density, target_modules=TARGETS, init_weights=init_weights))
+        return get_peft_model(model, SupertuningConfig(sparsity=1 - density, target_modules=TARGETS,
+                                                       init_weights=init_weights))
     if method == "sparse_delta":
         gen = torch.Generator().manual_seed(0)
         mask = SparseMask(
@@ -170,8 +173,11 @@ def worker(args):
         model.save_pretrained(tmp)
         name = "model.safetensors" if args.method == "full" else "adapter_model.safetensors"
         files = [f for f in os.listdir(tmp) if f.endswith(".safetensors")]
-        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in files) if name not in files else os.path.getsize(os.path.join(tmp, name))
-    del model, opt
+        if name in files:
+            size = os.path.getsize(os.path.join(tmp, name))
+        else:
+            size = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
+    model = opt = None  # free both before the merge-error models load (`del` would leave step()'s closure unbound)
     row = dict(
         model=args.model, budget=args.budget, method=args.method, trainable=trainable, step_s=step_s, fwd_s=fwd_s,
         rss_mib=rss_mib, saved_mib=saved / 2**20, bytes_per_coord=size / trainable,
@@ -187,8 +193,8 @@ def fmt(value, spec):
 
 
 def print_table(rows):
-    print("| model | budget | method | trainable | step s | step / LoRA | fwd s | fwd / LoRA | peak RSS MiB | saved MiB | "
-          "B/coord | merge err fp32 | merge err bf16 |")
+    print("| model | budget | method | trainable | step s | step / LoRA | fwd s | fwd / LoRA | peak RSS MiB "
+          "| saved MiB | B/coord | merge err fp32 | merge err bf16 |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         lora = next((r for r in rows if r["model"] == row["model"] and r["budget"] == row["budget"]

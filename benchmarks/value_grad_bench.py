@@ -43,8 +43,8 @@ def main():
     for density in DENSITIES:
         k = max(1, int(rows * cols * density))
         idx = torch.sort(torch.randperm(rows * cols, generator=gen)[:k]).values
-        dense = best_of(lambda: gathered_weight_grad_dense(a, b, idx, (rows, cols), 1 << 24))
-        sampled = best_of(lambda: gathered_weight_grad_sampled(a, b, idx, (rows, cols), 1 << 24))
+        dense = best_of(lambda idx=idx: gathered_weight_grad_dense(a, b, idx, (rows, cols), 1 << 24))
+        sampled = best_of(lambda idx=idx: gathered_weight_grad_sampled(a, b, idx, (rows, cols), 1 << 24))
         winner = "sampled" if sampled < dense else "dense"
         print(f"| {density:g} | {dense * 1e3:.1f} | {sampled * 1e3:.1f} | {sampled / dense:.2f} | {winner} |")
 

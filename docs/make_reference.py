@@ -1,7 +1,7 @@
 """Write docs/reference.md from the configs' own help metadata, so the reference cannot drift from the code.
 
     python docs/make_reference.py          # rewrite docs/reference.md
-    python docs/make_reference.py --check  # exit 1 if docs/reference.md is stale (tests/test_docs.py runs this)
+    python docs/make_reference.py --check  # exit 1 if docs/reference.md is stale (tests/docs/test_docs.py runs this)
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def reference() -> str:
         "## `JobArguments` (`sparse-opd train`, `examples/opd_math.py`; besides every `SparseOPDConfig` field)", "",
         ("`JobArguments` extends TRL's `ScriptArguments` (`dataset_name`, `dataset_config`, `dataset_train_split`, "
          "`dataset_test_split`); the student's flags are TRL's `ModelConfig` (`model_name_or_path`, `model_revision`, "
-         "`dtype`, ...). The presets (`sparse_opd/presets/`: `gpu` where there is a GPU, else `cpu`, unless `--config` "
-         "names one) override some of these defaults; `sparse-opd train --help` shows the values in effect and "
-         "`sparse_opd.job.arguments.NOT_USED` lists the flags the job refuses."), "",
+         "`dtype`, ...). The presets (`sparse_opd/presets/`: `gpu` where there is a GPU, else `cpu`, unless "
+         "`--config` names one) override some of these defaults; `sparse-opd train --help` shows the values in effect "
+         "and `sparse_opd.job.arguments.NOT_USED` lists the flags the job refuses."), "",
         _table(JobArguments, {f.name for f in dataclasses.fields(ScriptArguments)}), "",
     ])
 

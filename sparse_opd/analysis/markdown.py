@@ -19,8 +19,8 @@ def report_markdown(report) -> str:
     for tau in a["unchanged"]["raw"]:
         lines.append(f"| {tau} | {a['unchanged']['raw'][tau]:.4f} | {a['unchanged']['bf16'][tau]:.4f} |")
     lines += ["", f"Entries whose update is below half a bf16 step of W: {a['unchanged_half_step']:.4f}", "",
-              f"The same-norm isotropic null: {a['null_unchanged']['raw_1e-05']:.4f} with |d| <= 1e-5 as stored, "
-              f"{a['null_unchanged']['bf16_0']:.4f} invisible in bf16.", "",
+              (f"The same-norm isotropic null: {a['null_unchanged']['raw_1e-05']:.4f} with |d| <= 1e-5 as stored, "
+               f"{a['null_unchanged']['bf16_0']:.4f} invisible in bf16."), "",
               "## Medians beside their nulls", "", "| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in a["median"].items()]
     lines += ["", "## Spectral concentration (median energy share of the top-k singular values)", "",
@@ -29,8 +29,8 @@ def report_markdown(report) -> str:
     lines += ["", "## Numerical rank ratio by threshold (median; rank = #{s_i > tau s_1} / min(m, n))", "",
               "| tau | delta | null |", "|---:|---:|---:|"]
     lines += [f"| {t} | {v['delta']:.3f} | {v['null']:.3f} |" for t, v in a["rank_ratio_by_tau"].items()]
-    lines += ["", "## Source-subspace alignment by subspace size (median energy share; "
-              "r = max(1, int(fraction x min(m, n))), as in the paper's code)", "",
+    lines += ["", ("## Source-subspace alignment by subspace size (median energy share; "
+                   "r = max(1, int(fraction x min(m, n))), as in the paper's code)"), "",
               "| fraction | both | null | random expectation | left | null | expected | right | null | expected |",
               "|---:|" + "---:|" * 9]
     for f, v in a["alignment_by_fraction"].items():
@@ -69,11 +69,12 @@ def compare_markdown(named: dict[str, dict]) -> str:
         ("median alignment both", lambda a: a["median"][K.align("both")]),
         ("median alignment both (null)", lambda a: a["median"][K.align("both", prefix="null_")]),
         ("near-zero lift q0.1 (raw)", lambda a: a["median"][K.near_zero_lift("raw", 0.1)]),
-        ("near-zero lift q0.1 (largest 10% of updates)", lambda a: a["median"].get(K.near_zero_lift("top10", 0.1), "")),
+        ("near-zero lift q0.1 (largest 10% of updates)",
+         lambda a: a["median"].get(K.near_zero_lift("top10", 0.1), "")),
         ("near-zero lift q0.1 (bf16-visible)", lambda a: a["median"][K.near_zero_lift("bf16", 0.1)]),
         ("near-zero lift q0.1 (null through bf16)", lambda a: a["median"][K.near_zero_lift("null_bf16", 0.1)]),
     ]
     lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for title, get in rows:
-        lines.append(f"| {title} | " + " | ".join(_fmt(get(named[l]["aggregates"])) for l in labels) + " |")
+        lines.append(f"| {title} | " + " | ".join(_fmt(get(named[label]["aggregates"])) for label in labels) + " |")
     return "\n".join(lines) + "\n"

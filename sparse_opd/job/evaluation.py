@@ -69,7 +69,8 @@ def answer_length(args: Arguments, tokenizer, train, test, limit: int = 2000):
     references = [*worked_solutions(train), *worked_solutions(test)][:limit]
     length = generation_length(tokenizer, references, fallback=args.training.max_completion_length)
     if length.max_new_tokens == args.training.max_completion_length and len(references) < 8:
-        return GenerationLength(length.max_new_tokens, length.reason.replace("(fallback:", "(--max_completion_length:"))
+        reason = length.reason.replace("(fallback:", "(--max_completion_length:")
+        return GenerationLength(length.max_new_tokens, reason)
     return length
 
 
@@ -87,7 +88,8 @@ def evaluate(model, tokenizer, dataset, args: Arguments, prompt_column: str = "p
     with ready_for_generation(model, trainer) as ready:
         return evaluate_model(ready, tokenizer, dataset, prompt_column=prompt_column, batch_size=job.eval_batch_size,
                               max_new_tokens=max_new_tokens or int(answer_length(args, tokenizer, None, dataset)),
-                              metric=job.metric, progress=desc, chat_template_kwargs=args.training.chat_template_kwargs,
+                              metric=job.metric, progress=desc,
+                              chat_template_kwargs=args.training.chat_template_kwargs,
                               generation_context=merged_sparse_delta if trainer is not None else None)
 
 

@@ -37,10 +37,10 @@ def discovery_lines(trainer) -> list[str]:
     report = getattr(getattr(trainer, "discovery", None), "report", None)
     if not report:
         return []
-    return [f"discovery: {report['statistic']} of the OPD gradient over {report['batches']} rollout batches "
-            f"({report['micro_batches']} micro-batches, {report['tokens']:,} completion tokens) in "
-            f"{report['seconds']:.0f}s, {report['accumulator_bytes_per_entry']:.1f} B per adapted weight entry per "
-            f"process"]
+    return [(f"discovery: {report['statistic']} of the OPD gradient over {report['batches']} rollout batches "
+             f"({report['micro_batches']} micro-batches, {report['tokens']:,} completion tokens) in "
+             f"{report['seconds']:.0f}s, {report['accumulator_bytes_per_entry']:.1f} B per adapted weight entry per "
+             f"process")]
 
 
 def time_line(phases: dict[str, float], total: float) -> str:

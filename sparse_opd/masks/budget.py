@@ -79,7 +79,7 @@ def allocate_budget(
         raise ValueError(f"total must be in [1, {sum(numels.values())}], got {total}")
     w = resolve_block_weights(block_weights)
     mass = {name: n * w.get(block_of(name), 1.0) for name, n in numels.items()}
-    counts = {name: 0 for name in numels}
+    counts = dict.fromkeys(numels, 0)
     remaining, active = total, {name for name, m in mass.items() if m > 0}
     # Water-filling: share in proportion to mass; modules that would overflow are capped and the rest re-split.
     while remaining > 0 and active:

@@ -25,7 +25,7 @@ def checkpoint_files(source: str | os.PathLike) -> list[str]:
 
         try:
             source = snapshot_download(source, allow_patterns=["*.safetensors", "*.json"])
-        except Exception as err:  # offline, unknown repo, gated: one clear line instead of the Hub's traceback
+        except Exception as err:  # noqa: BLE001 (offline, unknown repo, gated: one clear line, not the Hub's traceback)
             raise FileNotFoundError(
                 f"checkpoint {source} is not a local path, and as a Hub model id it could not be fetched "
                 f"({type(err).__name__}: {' '.join(str(err).split())[:160]})"
@@ -53,12 +53,12 @@ class CheckpointReader:
         for path in files:
             try:
                 handle = safe_open(path, framework="pt")
-            except Exception as err:  # safetensors' own error types for truncated or foreign files
+            except Exception as err:  # noqa: BLE001 (safetensors' own error types for truncated or foreign files)
                 raise ValueError(f"{path} is not a readable safetensors checkpoint: {err}") from None
             with handle as f:
                 if (f.metadata() or {}).get("format", "").startswith("sparse_opd.mask"):
                     raise ValueError(f"{path} is a sparse_opd mask file, not a model checkpoint")
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open)
                     self._location[name] = path
 
     def names(self) -> list[str]:

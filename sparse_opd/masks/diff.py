@@ -105,7 +105,8 @@ def mask_from_diff(
     for name in iterator:
         b, t = base_ckpt.get(name), tuned_ckpt.get(name)
         if b.shape != t.shape:
-            raise ValueError(f"{name}: shape {tuple(b.shape)} in the base but {tuple(t.shape)} in the tuned checkpoint")
+            raise ValueError(
+                f"{name}: shape {tuple(b.shape)} in the base but {tuple(t.shape)} in the tuned checkpoint")
         if not (b.is_floating_point() and t.is_floating_point()):
             raise ValueError(f"{name}: not a floating-point weight ({b.dtype}, {t.dtype})")
         bad = int((~torch.isfinite(t)).sum()) + int((~torch.isfinite(b)).sum())

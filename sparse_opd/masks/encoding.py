@@ -138,8 +138,8 @@ def decode_indices(stream: torch.Tensor, numel: int, name: str = "indices") -> t
     """Decode a stream written by :func:`encode_indices` into sorted int64 flat indices, validating them."""
     if stream.dtype != torch.uint8 or stream.dim() != 1 or stream.numel() == 0:
         raise IndexEncodingError(
-            f"{name}: expected a non-empty 1-D uint8 index stream, got dtype={stream.dtype} shape={tuple(stream.shape)}"
-            " (is this file written by sparse_opd?)"
+            f"{name}: expected a non-empty 1-D uint8 index stream, got dtype={stream.dtype} "
+            f"shape={tuple(stream.shape)} (is this file written by sparse_opd?)"
         )
     raw = stream.cpu().numpy()
     code, payload = int(raw[0]), raw[1:]

@@ -63,7 +63,8 @@ class SparseMask:
     def __post_init__(self):
         if set(self.indices) != set(self.shapes):
             missing = set(self.indices) ^ set(self.shapes)
-            raise ValueError(f"SparseMask needs a shape for every module and vice versa; mismatched: {sorted(missing)}")
+            raise ValueError(
+                f"SparseMask needs a shape for every module and vice versa; mismatched: {sorted(missing)}")
         clean_idx, clean_shapes, given = {}, {}, {}
         for name in self.indices:
             key = normalize_module_name(name)
@@ -177,7 +178,8 @@ class SparseMask:
     def __eq__(self, other) -> bool:
         if not isinstance(other, SparseMask):
             return NotImplemented
-        return self.shapes == other.shapes and all(torch.equal(self.indices[k], other.indices[k]) for k in self.indices)
+        return self.shapes == other.shapes and all(
+            torch.equal(self.indices[k], other.indices[k]) for k in self.indices)
 
     def __repr__(self) -> str:
         return f"SparseMask(modules={len(self)}, coordinates={self.count()}, density={self.density():.4%})"
@@ -198,7 +200,7 @@ class SparseMask:
             raise FileNotFoundError(f"mask file {path} does not exist")
         try:
             handle = safe_open(str(path), framework="pt")
-        except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        except Exception as err:  # noqa: BLE001 (safetensors' own error types for truncated or foreign files)
             raise ValueError(f"{path} is not a readable safetensors mask file: {err}") from None
         with handle as f:
             if (f.metadata() or {}).get("format") != MASK_FORMAT:
@@ -208,7 +210,8 @@ class SparseMask:
             indices, shapes = {}, {}
             for name in names:
                 if f"{name}.shape" not in keys or f"{name}.indices" not in keys:
-                    raise ValueError(f"{path}: module {name} lacks its .shape or .indices tensor (corrupted mask file)")
+                    raise ValueError(
+                        f"{path}: module {name} lacks its .shape or .indices tensor (corrupted mask file)")
                 raw_shape = f.get_tensor(f"{name}.shape")
                 if raw_shape.is_floating_point() or raw_shape.numel() != 2:
                     raise ValueError(f"{path}: module {name} has a malformed shape tensor {raw_shape.tolist()[:4]}")

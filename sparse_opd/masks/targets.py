@@ -160,5 +160,5 @@ def _meta_model(source) -> nn.Module | None:
                 return AutoModelForCausalLM.from_config(config)
         finally:
             logging.set_verbosity(verbosity)
-    except Exception:  # an architecture transformers cannot build (remote code, not causal-LM): fall back to names
+    except Exception:  # noqa: BLE001 (an architecture transformers cannot build, e.g. remote code: names only)
         return None

@@ -51,8 +51,8 @@ def teacher_warnings(student: EvalResult, teacher: EvalResult, dataset=None, pri
         worked, rows = sum(map(bool, dataset["worked_solution"])), len(dataset)
         if worked == 0:
             lines.append(
-                f"warning: the teacher's privileged context holds only final answers (none of {rows} rows has a worked "
-                "solution): knowing the result does not show the teacher how to reach it, so it has little to "
+                f"warning: the teacher's privileged context holds only final answers (none of {rows} rows has a "
+                "worked solution): knowing the result does not show the teacher how to reach it, so it has little to "
                 "distill; give worked solutions or a separate, stronger teacher"
             )
         elif worked < rows / 2:
@@ -72,9 +72,9 @@ def regression_line(before, after, z: float = 2.0) -> str | None:
     if isinstance(before, DivergenceResult) and isinstance(after, DivergenceResult):
         change, se = after.change_from(before)
         if change > 0 and change > z * se:
-            return (f"Distillation moved the student away from the teacher: the divergence rose from {before.mean:.4f} "
-                    f"to {after.mean:.4f} nats/token ({change:+.4f} +/- {se:.4f}, paired over {after.num_prompts} "
-                    f"prompts, beyond {z:g} standard errors).")
+            return (f"Distillation moved the student away from the teacher: the divergence rose from "
+                    f"{before.mean:.4f} to {after.mean:.4f} nats/token ({change:+.4f} +/- {se:.4f}, paired over "
+                    f"{after.num_prompts} prompts, beyond {z:g} standard errors).")
         return None
     if not (isinstance(before, EvalResult) and isinstance(after, EvalResult)):
         raise TypeError("regression_line compares two EvalResults or two DivergenceResults; got "

@@ -93,8 +93,8 @@ def _prompt_of(value, column: str, system_prompt: str | None, row: int, name: st
             raise ValueError(f"{name}: system_prompt needs chat prompts, but {column!r} holds text")
         return value, None
     if not is_messages(value):
-        raise ValueError(f"{name}: row {row} of {column!r} is a {type(value).__name__}, neither text nor a list of chat "
-                         f"messages; {FORMAT_HELP}")
+        raise ValueError(f"{name}: row {row} of {column!r} is a {type(value).__name__}, neither text nor a list of "
+                         f"chat messages; {FORMAT_HELP}")
     prompt, reference = split_conversation(value) if column == "messages" else (value, None)
     if system_prompt and prompt[0].get("role") != "system":
         prompt = [{"role": "system", "content": system_prompt}, *prompt]
@@ -111,7 +111,8 @@ def _reference_cell(example: dict, answer_column: str | None, conversation_refer
 
 
 def _missing(cell) -> bool:
-    return cell is None or (isinstance(cell, str) and not cell.strip()) or (isinstance(cell, float) and math.isnan(cell))
+    return (cell is None or (isinstance(cell, str) and not cell.strip())
+            or (isinstance(cell, float) and math.isnan(cell)))
 
 
 def prepare_prompt_dataset(
@@ -144,8 +145,8 @@ def prepare_prompt_dataset(
     if answer_column is None and "answer" in columns:
         answer_column = "answer"
     elif answer_column is not None and answer_column not in columns:
-        raise ValueError(f"{name} has no column {answer_column!r} (columns: {columns}); pass the right --answer_column "
-                         "or none for data without answers")
+        raise ValueError(f"{name} has no column {answer_column!r} (columns: {columns}); pass the right "
+                         "--answer_column or none for data without answers")
     if teacher_context not in ("solution", "none"):
         raise ValueError(f"teacher_context {teacher_context!r} is not available for prompt data; use 'solution' or "
                          "'none'")

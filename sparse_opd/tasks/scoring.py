@@ -73,7 +73,8 @@ class Scorer:
 
 def _as_scores(name: str, raw, n: int) -> Scores:
     if isinstance(raw, bool) or raw is None:
-        raise TypeError(f"metric {name} returned {raw!r}; return a dict of scores, a number, or one number per example")
+        raise TypeError(
+            f"metric {name} returned {raw!r}; return a dict of scores, a number, or one number per example")
     if isinstance(raw, (int, float)):
         return Scores({"score": float(raw)}, "score")
     if isinstance(raw, (list, tuple)):
@@ -131,7 +132,7 @@ def _import_callable(spec: str):
         if function is None:
             raise ValueError(f"metric {spec!r}: {module_name} has no attribute {attribute!r}")
     if not callable(function):
-        raise ValueError(f"metric {spec!r} is a {type(function).__name__}, not a callable")  # noqa: TRY004 (user input)
+        raise ValueError(f"metric {spec!r} is a {type(function).__name__}, not a callable")  # user input: ValueError
     return function
 
 

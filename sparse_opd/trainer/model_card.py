@@ -52,8 +52,8 @@ def _divergence_rows(divergences: dict) -> list[str]:
     if "student before" in divergences and "student after" in divergences:
         change, se = divergences["student after"].change_from(divergences["student before"])
         lines.append("")
-        lines.append(f"Change: {change:+.3g} +/- {se:.2g} nats/token, paired over the same prompts (negative: closer to "
-                     "the teacher). On-policy distillation minimizes this divergence on the student's own samples.")
+        lines.append(f"Change: {change:+.3g} +/- {se:.2g} nats/token, paired over the same prompts (negative: closer "
+                     "to the teacher). On-policy distillation minimizes this divergence on the student's own samples.")
     return lines
 
 

@@ -53,7 +53,8 @@ def _student_and_adapter_config(model, teacher_model, args, train_dataset, proce
     if peft_config is not None and not isinstance(peft_config, SparseDeltaConfig):
         raise TypeError(
             f"peft_config must be a SparseDeltaConfig (this trainer trains sparse deltas), got "
-            f"{type(peft_config).__name__}; use sparse_opd.OPDTrainer or trl.DistillationTrainer for other PEFT methods"
+            f"{type(peft_config).__name__}; use sparse_opd.OPDTrainer or trl.DistillationTrainer for other PEFT "
+            "methods"
         )
     if already_sparse or peft_config is not None:
         return model, peft_config
@@ -108,8 +109,8 @@ class SparseOPDTrainer(OPDTrainer):
 
     >>> args = SparseOPDConfig(output_dir="out", mask_strategy="near_zero", mask_density=0.01, learning_rate=2e-3,
     ...                        max_completion_length=48, max_steps=24)
-    >>> trainer = SparseOPDTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", args=args,
-    ...                            train_dataset=arithmetic_dataset("train", 2000, level=1))  # teacher: its base weights
+    >>> trainer = SparseOPDTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", args=args,  # teacher: its base weights
+    ...                            train_dataset=arithmetic_dataset("train", 2000, level=1))
     >>> trainer.train()
     >>> trainer.save_model()  # the adapter: adapter_model.safetensors + adapter_config.json
     ```

@@ -56,7 +56,8 @@ class SparseDeltaVLLMSync:
         for name, param in self.model.named_parameters():
             if "sparse_delta_" in name or (changed_only and name not in adapted):
                 continue
-            plain = self.vllm._fix_param_name_to_vllm(name.removeprefix("base_model.model.").replace(".base_layer", ""))
+            plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            plain = self.vllm._fix_param_name_to_vllm(plain)
             out.append((plain, str(param.dtype).removeprefix("torch."), list(full_shape(param))))
         return out
 

@@ -13,7 +13,8 @@ def sparse_delta_layers(model: nn.Module, adapter_name: str | None = None) -> di
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, SparseDeltaLayer) and (adapter_name is None or adapter_name in module.sparse_delta_values)
+        if isinstance(module, SparseDeltaLayer)
+        and (adapter_name is None or adapter_name in module.sparse_delta_values)
     }
 
 

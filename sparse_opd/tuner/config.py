@@ -147,8 +147,8 @@ class SparseDeltaConfig(PeftConfig):
             self.mask_init = None
             if self.mask is not None:
                 raise ValueError(
-                    "a config with module_counts (a saved adapter, whose coordinates are in adapter_model.safetensors) "
-                    "cannot also name a mask: remove 'mask' from adapter_config.json"
+                    "a config with module_counts (a saved adapter, whose coordinates are in "
+                    "adapter_model.safetensors) cannot also name a mask: remove 'mask' from adapter_config.json"
                 )
         if isinstance(self.mask, dict) and not self.mask:
             raise ValueError("mask is empty: name at least one module and its coordinates")

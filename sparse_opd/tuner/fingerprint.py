@@ -35,7 +35,7 @@ def check_fingerprint_format(fingerprint) -> None:
     """Raise a `ValueError` naming the part of a stored ``base_model_fingerprint`` that has the wrong form."""
     name = "base_model_fingerprint"
     if not isinstance(fingerprint, dict):
-        raise ValueError(  # noqa: TRY004 (a value read from a file: corrupted data, not a wrong argument type)
+        raise ValueError(  # a value read from a file: corrupted data (ValueError), not a wrong argument type
             f"{name} in adapter_config.json must be an object with shapes, samples and dtype, got "
             f"{type(fingerprint).__name__}: the config is corrupted or was edited by hand")
     dtypes = {str(d).removeprefix("torch.") for d in _MANTISSA}

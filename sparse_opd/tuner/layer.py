@@ -318,7 +318,7 @@ class SparseDeltaLayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         flat = self.get_base_layer().weight.data.view(-1)
         while self.merged_adapters:

@@ -100,8 +100,8 @@ def state_entries(state: dict[str, torch.Tensor], model: nn.Module, adapter_name
         identity = _identity(key, adapter_name, aux)
         if identity is None:
             raise ValueError(
-                f"the adapter file holds {key}, which is not a tensor of sparse-delta adapter {adapter_name!r}: loading "
-                "it would overwrite another part of the model (a tampered or foreign file); nothing was loaded"
+                f"the adapter file holds {key}, which is not a tensor of sparse-delta adapter {adapter_name!r}: "
+                "loading it would overwrite another part of the model (a tampered or foreign file); nothing was loaded"
             )
         if identity in entries:
             raise ValueError(f"the adapter file holds the tensor of {identity[0]} ({identity[1]}) twice (as {key}); "
@@ -229,8 +229,8 @@ def _check_module(layer: SparseDeltaLayer, module: str, kind: str, tensor: torch
         check_values(module, tensor)
     if full_shape(current) != tuple(tensor.shape):  # a ZeRO-3 rank holds a partition of the values
         raise ValueError(
-            f"{module}: the file's {_WORDS[kind]} ({tuple(tensor.shape)}) do not fit adapter {adapter_name!r} as it is "
-            f"({full_shape(current)}); delete_adapter({adapter_name!r}) first, or load under another adapter_name"
+            f"{module}: the file's {_WORDS[kind]} ({tuple(tensor.shape)}) do not fit adapter {adapter_name!r} as it "
+            f"is ({full_shape(current)}); delete_adapter({adapter_name!r}) first, or load under another adapter_name"
         )
 
 
@@ -248,7 +248,8 @@ def check_adapter_folder(folder: str) -> None:
     weights = [p for p in names if os.path.isfile(p)]
     odd = [p for p in names if os.path.lexists(p) and not os.path.isfile(p)]
     if odd and not weights:
-        raise ValueError(f"{odd[0]} is not a regular file (a folder, FIFO, device or dangling link): refusing to read it")
+        raise ValueError(
+            f"{odd[0]} is not a regular file (a folder, FIFO, device or dangling link): refusing to read it")
     if not weights:
         raise FileNotFoundError(f"{folder} has no adapter_model.safetensors: the adapter was not saved completely")
     if not weights[0].endswith(".safetensors"):

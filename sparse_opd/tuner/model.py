@@ -71,7 +71,8 @@ class SparseDeltaModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's switch for adapter dtypes, also called after loading. ``value_dtype="auto"`` keeps fp32 values on any
         base by default and takes the base weights' dtype with ``autocast_adapter_dtype=False``; an explicit
-        ``value_dtype`` always wins. Values loaded in the file's own dtype (``low_cpu_mem_usage=True``) are cast too."""
+        ``value_dtype`` always wins. Values loaded in the file's own dtype (``low_cpu_mem_usage=True``) are cast
+        too."""
         config = self.peft_config[adapter_name]
         for layer in _adapter_layers(self.model, adapter_name).values():
             if config.value_dtype != "auto":
