@@ -11,8 +11,8 @@ rerun). Its stage says what it does:
 
 - `base`: held-out accuracy of the student and of the teacher;
 - `full`: full-parameter OPD (AdamW), the merged checkpoint saved for the analyzer and the diff mask;
-- `analyze`: the analyzer on full OPD's delta (all precision modes, nulls), `OUT/analysis/report.json`, `report.md` and the plots
-  and plots;
+- `analyze`: the analyzer on full OPD's delta (all precision modes, nulls): `OUT/analysis/report.json`, `report.md`
+  and the plots;
 - `masks`: the diff mask (coordinates whose bf16 value changed), per-module matched random and near-zero masks;
 - `overlap`: the overlap of the two seeds' changed coordinates against random expectations;
 - `sparse`: retrain from the base on a mask (diff, random, near_zero, probe) with AdamW, SGD or momentum SGD;
@@ -353,6 +353,11 @@ def paired(a, b):
 
 
 def stage_report(out):
+    if not done(out, "base"):
+        raise SystemExit(f"report: no results under {out}/ (it reads the <run>/result.json files that `python "
+                         f"benchmarks/reproduce_paper.py all --out {out}` writes, about 3 hours on 2 CPU cores; the "
+                         "documented run's are not in the repository) and prints the numbers of docs/reproduction.md "
+                         "sections 2-4")
     base = load_result(out, "base")
     before = base["student"]["correct"]
     trained = [run for run in RUNS if run.trains and done(out, run.name)]
