@@ -6,7 +6,7 @@
 Shapes come from transformers' own model classes built on the meta device (no download). Assumptions, per rank, with
 the base in bf16 and sharding over all ranks (FSDP2 / ZeRO-3):
 
-- base weights: 2 B/param / ranks (all methods);
+- base weights: 2 B/param / ranks for the adapters (full fine-tuning keeps its fp32 weights in its 16 B/param);
 - trainable state: fp32 value (4 B) + fp32 gradient (4 B) + AdamW m and v (8 B) = 16 B per trainable element, sharded
   (full fine-tuning: fp32 sharded weights under a bf16 compute policy, or ZeRO-3's bf16 weights + fp32 master,
   come to the same 16 B/param; the bf16 copy of the base is then a transient of the all-gathers);

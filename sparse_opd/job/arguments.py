@@ -271,7 +271,7 @@ def check_combinations(args: Arguments) -> None:
     if model.model_name_or_path is None:
         raise ValueError("no student: pass --model_name_or_path (a Hub id, a directory, or 'embedded')")
     if config.mask_strategy is None:
-        raise ValueError("no mask strategy: pass --mask_strategy (probe, near_zero, random, file or diff)")
+        raise ValueError("no mask strategy: pass --mask_strategy (gradient, probe, near_zero, random, file or diff)")
     if config.teacher_model_name_or_path is None:
         for name in ("teacher_model_revision", "teacher_model_init_kwargs"):
             if getattr(config, name) is not None:

@@ -61,7 +61,7 @@ def _student_and_adapter_config(model, teacher_model, args, train_dataset, proce
     if args.mask_strategy is None:
         raise ValueError(
             "SparseOPDTrainer needs the coordinates to train: pass a sparse-delta PeftModel, a SparseDeltaConfig as "
-            "peft_config, or set args.mask_strategy ('file', 'diff', 'probe', 'near_zero' or 'random')"
+            "peft_config, or set args.mask_strategy ('gradient', 'file', 'diff', 'probe', 'near_zero' or 'random')"
         )
     check_strategy(args, train_dataset)
     if args.mask_strategy in ("gradient", "probe", "near_zero", "random") and isinstance(model, str):

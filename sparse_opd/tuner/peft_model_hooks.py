@@ -42,6 +42,13 @@ def install() -> None:
         options.update(arguments.get("kwargs", {}))
         if not options.get("is_main_process", True) or os.path.isfile(save_directory):
             return peft_save(self, save_directory, *args, **kwargs)  # writes nothing, or raises PEFT's error
+        embeddings = options.get("save_embedding_layers", "auto")
+        if embeddings is True:
+            raise ValueError("save_embedding_layers=True: a sparse-delta adapter holds no embedding layers; to train "
+                             "and save them, list them in SparseDeltaConfig(modules_to_save=[...])")
+        # PEFT's "auto" adds the embeddings when the base's Hub config has another vocabulary size; they are not part
+        # of a sparse-delta adapter, and the file check would refuse them as foreign tensors
+        options["save_embedding_layers"] = False
         return save_adapter(self, peft_save, save_directory, **options)
 
     @functools.wraps(peft_push)

@@ -107,3 +107,23 @@ def test_multiple_adapters_from_every_kind_of_mask(tokens):
     peft_model.delete_adapter("random")
     assert "random" not in peft_model.peft_config
     assert not torch.equal(base, outputs["default"])
+
+
+def test_saving_never_adds_embedding_layers_to_a_sparse_delta_adapter(tmp_path, monkeypatch):
+    """PEFT's save_embedding_layers="auto" adds the embeddings when the base's Hub config reports another vocabulary
+    size (a resized model); a sparse-delta adapter holds none, so the save asks PEFT for none."""
+    import peft.peft_model
+
+    model = get_peft_model(make_model("llama"), SparseDeltaConfig(mask_init="random", mask_density=0.05))
+    seen = {}
+    original = peft.peft_model.get_peft_model_state_dict
+
+    def spy(*args, **kwargs):
+        seen["save_embedding_layers"] = kwargs.get("save_embedding_layers")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(peft.peft_model, "get_peft_model_state_dict", spy)
+    model.save_pretrained(tmp_path / "a")
+    assert seen["save_embedding_layers"] is False
+    with pytest.raises(ValueError, match="holds no embedding layers.*modules_to_save"):
+        model.save_pretrained(tmp_path / "b", save_embedding_layers=True)
