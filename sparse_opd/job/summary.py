@@ -14,9 +14,7 @@ def summary(trainer, args: Arguments, results: dict, task: str, started: float, 
     "student after", when the answers were scored; `divergences`: `DivergenceResult`s "student before" and "student
     after", when the divergence was measured; `started`: `time.perf_counter()` at the start of the run; `phases`:
     seconds by phase)."""
-    from ..tuner.model_card import coverage
-
-    coordinates, entries, matrices = coverage(trainer.model.peft_config[trainer.adapter_name])
+    coordinates, entries, matrices = trainer.model.peft_config[trainer.adapter_name].coverage()
     adapter = Path(trainer.args.output_dir) / "adapter_model.safetensors"
     lines = ["", "== summary ==", f"task: {task}; {held_out(results, divergences)}"]
     lines += score_lines(results, divergences)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 
 import torch
 from safetensors import safe_open
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+from ..paths import looks_like_hub_id
 
 
 def checkpoint_files(source: str | os.PathLike) -> list[str]:
@@ -19,7 +18,7 @@ def checkpoint_files(source: str | os.PathLike) -> list[str]:
     if os.path.isfile(source):
         return [source]
     if not os.path.isdir(source):
-        if not _HUB_ID.match(source) or source.startswith((".", "~")) or source.count("/") > 1:
+        if not looks_like_hub_id(source):
             raise FileNotFoundError(f"checkpoint {source} does not exist (neither a local path nor a Hub model id)")
         from huggingface_hub import snapshot_download
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ..tuner.model_card import coverage, embedded_base_note, loading_code
+from ..tuner.model_card import embedded_base_note, loading_code
 
 CREDITS = """## Methods and credits
 
@@ -85,7 +85,7 @@ def opd_model_card(trainer, model_name: str, task: str | None = None, teacher: s
     args = trainer.args
     config = trainer.model.peft_config[trainer.adapter_name]
     base = config.base_model_name_or_path or "the base model"
-    total, entries, matrices = coverage(config)
+    total, entries, matrices = config.coverage()
     share = 100 * total / max(entries, 1)
     mask = args.mask_strategy or "given"
     if args.mask_strategy in ("probe", "near_zero", "random"):

@@ -127,11 +127,9 @@ class OPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, ScoringMixin, Distil
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
         check_teacher_context(args, teacher_model, train_dataset if train_dataset is not None else eval_dataset)
-        if teacher_model is None and peft_config is None and not _is_peft_model(model):
-            if isinstance(model, str):
-                model = load_student(model, args, quantization_config)
-            teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
-            self._teacher_is_student_copy = True  # the student's starting weights: it reads the privileged context
+        model, teacher_model, peft_config = self._prepare_models(
+            model, teacher_model, args, train_dataset, processing_class, quantization_config, peft_config
+        )
         super().__init__(
             model=model,
             teacher_model=teacher_model,
@@ -150,3 +148,15 @@ class OPDTrainer(RolloutCheckMixin, PrivilegedTeacherMixin, ScoringMixin, Distil
         if self.teacher_model is None:
             # Not prepared by the accelerator: it has no parameters of its own and runs the (prepared) student.
             self.teacher_model = BaseWeightsTeacher(self.model)
+
+    def _prepare_models(self, model, teacher_model, args, train_dataset, processing_class, quantization_config,
+                        peft_config):
+        """``(model, teacher_model, peft_config)`` for `DistillationTrainer`, after the arguments are checked. Here:
+        a full-weights run without a teacher distills from a frozen copy of the student's starting weights, which
+        reads the privileged context; `SparseOPDTrainer` builds its adapter instead."""
+        if teacher_model is None and peft_config is None and not _is_peft_model(model):
+            if isinstance(model, str):
+                model = load_student(model, args, quantization_config)
+            teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self._teacher_is_student_copy = True  # the student's starting weights: it reads the privileged context
+        return model, teacher_model, peft_config

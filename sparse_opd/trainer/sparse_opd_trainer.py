@@ -22,8 +22,8 @@ from .config import SparseOPDConfig
 from .discovery import GradientDiscovery, adopt_checkpoint_mask
 from .mask_strategies import check_strategy, peft_config_from_strategy
 from .model_card import opd_model_card
-from .opd_trainer import OPDTrainer, _checked_args
-from .privileged import check_teacher_context, load_student
+from .opd_trainer import OPDTrainer
+from .privileged import load_student
 from .teachers import BaseWeightsTeacher
 from .telemetry import UpdateNormCallback, sparse_delta_stats
 from .vllm_sync import install_vllm_sync
@@ -135,13 +135,6 @@ class SparseOPDTrainer(OPDTrainer):
         peft_config: PeftConfig | None = None,
         tools=None,
     ):
-        args = _checked_args(args, SparseOPDConfig, self._default_output_dir)
-        if teacher_model is None:
-            teacher_model = args.teacher_model_name_or_path
-        check_teacher_context(args, teacher_model, train_dataset if train_dataset is not None else eval_dataset)
-        model, peft_config = _student_and_adapter_config(
-            model, teacher_model, args, train_dataset, processing_class, quantization_config, peft_config
-        )
         super().__init__(
             model=model,
             teacher_model=teacher_model,
@@ -155,6 +148,7 @@ class SparseOPDTrainer(OPDTrainer):
             peft_config=peft_config,
             tools=tools,
         )
+        args = self.args
         if not is_sparse_delta_model(self.model):
             raise ValueError("the student has no sparse-delta layer after setup; check the mask / peft_config")
         self.adapter_name = self.model.active_adapter
@@ -172,6 +166,15 @@ class SparseOPDTrainer(OPDTrainer):
             # first among the callbacks: its on_train_begin moves the adapter before anything reads it
             self.discovery = GradientDiscovery(self, args.mask_gradient_steps, args.mask_gradient_statistic)
             self.callback_handler.callbacks.insert(0, self.discovery)
+
+    def _prepare_models(self, model, teacher_model, args, train_dataset, processing_class, quantization_config,
+                        peft_config):
+        """The student (loaded when a prior or probe reads its weights) and the `SparseDeltaConfig` that
+        `DistillationTrainer` applies (see `_student_and_adapter_config`); the teacher as given."""
+        model, peft_config = _student_and_adapter_config(
+            model, teacher_model, args, train_dataset, processing_class, quantization_config, peft_config
+        )
+        return model, teacher_model, peft_config
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`; with `mask_strategy="gradient"`, the coordinates are discovered first (or, when resuming,

@@ -25,7 +25,7 @@ class SparseDeltaConfig(PeftConfig):
     With no argument, `SparseDeltaConfig()` trains 1% of the entries of every linear layer but the output head, chosen
     by the near-zero prior (the smallest |W|, FFN-weighted), like `LoraConfig()` gives a usable default.
 
-    Parameters that choose the coordinates:
+    Args:
         mask (`SparseMask`, `dict` or `str`, *optional*):
             Module name -> coordinates. A `SparseMask`, a path to a mask file written by `SparseMask.save` (read when
             the adapter is injected), or a dict of module name -> boolean tensor of the weight's shape or 1-D flat
@@ -43,27 +43,42 @@ class SparseDeltaConfig(PeftConfig):
         mask_block_weights (`str` or `dict`, defaults to `"ffn"`): relative density per block: `"ffn"` (FFN-heavy),
             `"uniform"`, or a dict / JSON object such as `{"ffn": 2.0, "attention": 1.0}`.
         mask_seed (`int`, defaults to `0`): seed of `mask_init="random"`.
-
-    Parameters that control training:
-        init_weights (`bool`): `True` starts at a zero delta (the identity); `False` starts at small random values
-            (for tests).
+        init_weights (`bool`, defaults to `True`): `True` starts at a zero delta (the identity); `False` starts at
+            small random values (for tests).
         value_dtype (`str`, defaults to `"auto"`): dtype of the trainable values. `"auto"` is float32 on any base
             (a bf16 weight cannot hold updates below half its rounding step), or the base weights' dtype when PEFT is
             asked not to upcast adapters (`get_peft_model(..., autocast_adapter_dtype=False)`).
-        value_grad (`"auto"`, `"dense"` or `"sampled"`): how value gradients are computed. `"dense"` forms the
-            weight gradient in row blocks of at most `grad_block_elements` entries and gathers it at the indices;
-            `"sampled"` computes only the k needed dot products; `"auto"` picks `"sampled"` below
+        value_grad (`"auto"`, `"dense"` or `"sampled"`, defaults to `"auto"`): how value gradients are computed.
+            `"dense"` forms the weight gradient in row blocks of at most `grad_block_elements` entries and gathers it
+            at the indices; `"sampled"` computes only the k needed dot products; `"auto"` picks `"sampled"` below
             `sampled_grad_max_density`.
-        compose (`"auto"`, `"always"` or `"never"`): `"auto"` runs an fp32 plain layer as one matmul with a transient
-            `W + delta` (as fast as the base layer); otherwise `base(x) + x @ delta^T`.
-
-    Parameters that control saving:
-        save_dtype (`str`, *optional*): dtype of the values in `adapter_model.safetensors` (default: `value_dtype`).
-        index_encoding (`str`): `"auto"` (smallest per module), `"gaps"`, `"bitmap"` or `"int32"`.
+        sampled_grad_max_density (`float`, defaults to `0.15`): the density below which `value_grad="auto"` samples.
+        grad_block_elements (`int`, defaults to `2**24`): largest block of the weight gradient formed at once.
+        compose (`"auto"`, `"always"` or `"never"`, defaults to `"auto"`): `"auto"` runs an fp32 plain layer as one
+            matmul with a transient `W + delta` (as fast as the base layer); otherwise `base(x) + x @ delta^T`.
+        save_dtype (`str`, *optional*): dtype of the values in `adapter_model.safetensors` (default: the values'
+            own).
+        index_encoding (`str`, defaults to `"auto"`): `"auto"` (smallest per module), `"gaps"`, `"bitmap"` or
+            `"int32"`.
+        modules_to_save (`list[str]`, *optional*): extra modules to train fully and save, as in PEFT's other methods.
 
     Filled in by the tuner (do not set by hand): `module_counts`, `module_index_bytes`, `module_shapes`,
     `base_model_fingerprint`; `weights_digest` (and the fingerprint's `merge_probe`) are written into the saved
-    `adapter_config.json` by `save_pretrained`.
+    `adapter_config.json` by `save_pretrained`. `coverage()` reads the counts and shapes back.
+
+    Example:
+
+    ```python
+    >>> import sparse_opd  # registers SPARSE_DELTA with PEFT
+    >>> from peft import get_peft_model
+    >>> from transformers import AutoModelForCausalLM
+    >>> from sparse_opd import SparseDeltaConfig
+
+    >>> base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+    >>> config = SparseDeltaConfig(mask_init="near_zero", mask_density=0.01)  # or mask="mask.safetensors"
+    >>> model = get_peft_model(base, config)
+    >>> trained, entries, matrices = model.peft_config["default"].coverage()  # about 1% of the adapted entries
+    ```
     """
 
     mask: str | None | SparseMask | dict[str, torch.Tensor] = field(
@@ -183,6 +198,12 @@ class SparseDeltaConfig(PeftConfig):
             recover(folder)
             check_adapter_folder(folder)
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    def coverage(self) -> tuple[int, int, int]:
+        """``(trained coordinates, entries of the adapted weights, adapted weight matrices)``, from the counts and
+        shapes the tuner filled in (zeros before the adapter is injected)."""
+        counts, shapes = self.module_counts or {}, self.module_shapes or {}
+        return sum(counts.values()), sum(rows * cols for rows, cols in shapes.values()), len(counts)
 
     def to_dict(self) -> dict:
         # The mask lives in adapter_model.safetensors (compactly encoded), not in JSON.

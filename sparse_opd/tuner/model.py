@@ -32,7 +32,34 @@ def _adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, SparseDelt
 
 
 class SparseDeltaModel(BaseTuner):
-    """Sparse-delta PEFT model; created by `get_peft_model(model, SparseDeltaConfig(...))`."""
+    """Trainable values on fixed coordinates of a model's frozen weights (the SparseDelta PEFT method); PEFT creates it
+    from a [`SparseDeltaConfig`] in `get_peft_model` and `PeftModel.from_pretrained`.
+
+    Each targeted `nn.Linear`, GPT-2 `Conv1D` or bitsandbytes 8-/4-bit linear becomes a [`SparseDeltaLayer`] that
+    computes `base(x) + x @ delta^T`, `delta` holding the values at the adapter's coordinates. Merging, unmerging
+    (bit-exact), several adapters, `add_weighted_adapter` and `merge_and_unload` work as in PEFT's other methods.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): the model to adapt; its targeted weights stay frozen.
+        peft_config ([`SparseDeltaConfig`] or `dict[str, SparseDeltaConfig]`): the adapter's configuration.
+        adapter_name (`str`): the adapter's name (`"default"` from `get_peft_model`).
+        low_cpu_mem_usage (`bool`, defaults to `False`): create the values on the meta device (loading fills them).
+        state_dict (`dict[str, torch.Tensor]`, *optional*): passed on to PEFT's `BaseTuner` (PEFT's own use).
+
+    Example:
+
+    ```python
+    >>> import sparse_opd  # registers SPARSE_DELTA with PEFT
+    >>> from peft import get_peft_model
+    >>> from transformers import AutoModelForCausalLM
+    >>> from sparse_opd import SparseDeltaConfig
+
+    >>> base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+    >>> model = get_peft_model(base, SparseDeltaConfig(mask_density=0.01))  # model.base_model: a SparseDeltaModel
+    >>> model.print_trainable_parameters()  # the values: 1% of the adapted entries
+    >>> merged = model.merge_and_unload()  # a plain transformers model with W + delta
+    ```
+    """
 
     prefix: str = "sparse_delta_"
     tuner_layer_cls = SparseDeltaLayer

@@ -7,12 +7,6 @@ import os
 HEADING = "## Loading this sparse-delta adapter"
 
 
-def coverage(config) -> tuple[int, int, int]:
-    """``(trained coordinates, entries of the adapted weights, adapted weight matrices)`` of an adapter's config."""
-    counts, shapes = config.module_counts or {}, config.module_shapes or {}
-    return sum(counts.values()), sum(rows * cols for rows, cols in shapes.values()), len(counts)
-
-
 def loading_code(base: str, embedded_note: str | None = None) -> str:
     """The card's loading section: code that loads this adapter onto its base, and why only that base.
     ``embedded_note``: the base is the package's dequantized SmolLM2 (`sparse_opd.embedded.is_embedded`), which the
@@ -47,7 +41,7 @@ model = model.merge_and_unload()  # optional: a plain transformers model with W 
 
 def loading_section(config, embedded_note: str | None = None) -> str:
     base = config.base_model_name_or_path or "<base model id>"
-    total, _, matrices = coverage(config)
+    total, _, matrices = config.coverage()
     return f"""This is a **SparseDelta** adapter made with `sparse-opd` (a Python package installed from its source; it
 is not on PyPI): trained values on {total:,} fixed coordinates of {matrices} frozen weight matrices of `{base}`.
 
