@@ -86,8 +86,8 @@ def table(base: dict, runs: list[dict], densities: list[dict]) -> str:
 
     best = {m: max((r for r in runs if r["method"] == m), key=lambda r: r["accuracy"]) for m in RATES
             if any(r["method"] == m for r in runs)}
-    lines = ["| method | learning rate | trainable | accuracy | gain vs base | vs best sparse | training s | "
-             "peak RSS (MiB) | saved (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    lines = [("| method | learning rate | trainable | accuracy | gain vs base | vs best sparse | training s | "
+              "peak RSS (MiB) | saved (MiB) |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
              f"| base student | | 0 | {100 * base['accuracy']:.1f}% | | | | | |"]
     for r in runs:
         mark = "**" if best.get(r["method"]) is r else ""

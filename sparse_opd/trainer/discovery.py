@@ -203,7 +203,8 @@ def move_adapter(model, adapter: str, indices: dict[str, torch.Tensor]):
     for name, layer in layers.items():
         layer.replace_indices(adapter, indices[name], config.index_encoding)
     config.mask = SparseMask(indices, {n: layer.weight_shape for n, layer in layers.items()})
-    config.module_index_bytes = {n: int(layer.sparse_delta_index_stream[adapter].numel()) for n, layer in layers.items()}
+    config.module_index_bytes = {n: int(layer.sparse_delta_index_stream[adapter].numel())
+                                 for n, layer in layers.items()}
     return config
 
 
@@ -232,6 +233,6 @@ def adopt_checkpoint_mask(trainer, checkpoint) -> None:
     missing = sorted(set(layers) - set(streams))
     if missing:
         raise ValueError(f"{path} has no coordinates for {missing[:3]}: it is not a checkpoint of this run")
-    move_adapter(model, trainer.adapter_name,
-                 {name: decode_indices(streams[name], layer.weight_numel, name=name) for name, layer in layers.items()})
+    indices = {name: decode_indices(streams[name], layer.weight_numel, name=name) for name, layer in layers.items()}
+    move_adapter(model, trainer.adapter_name, indices)
     trainer.discovery.done = True
