@@ -24,7 +24,7 @@ from sparse_opd.job.models import load_student, share_cpu_threads
 from sparse_opd.job.training import make_trainer
 
 STRATEGIES = ("gradient", "probe", "near_zero", "random")
-CHOICES = (*STRATEGIES, "gradient:snr", "gradient:fisher", "gradient:mean")
+CHOICES = (*STRATEGIES, "gradient:snr", "gradient:gain", "gradient:fisher", "gradient:mean")
 DENSITIES = (0.001, 0.01, 0.05)
 
 

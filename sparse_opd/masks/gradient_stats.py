@@ -11,6 +11,8 @@ Scores (`STATISTICS`), with ``n`` micro-batches, ``mean = s1 / n`` and ``rms = s
 
 - ``"snr"``: ``|mean| / (rms + eps)``, the size of AdamW's normalized step ``m / (sqrt(v) + eps)`` for a steady
   gradient: what the first steps of an AdamW run move most. In ``[0, 1]``.
+- ``"gain"``: ``mean^2 / (rms + eps)``, the first-order loss decrease of one AdamW step on that coordinate alone
+  (the step ``lr * mean / rms`` times the gradient ``mean``): consistency and size together.
 - ``"fisher"``: ``s2 / n``, the mean squared gradient (the diagonal empirical Fisher): what SGD-like methods and
   Fisher-based pruning rank by.
 - ``"mean"``: ``|mean|``, the size of the accumulated gradient: what plain SGD would move most.
@@ -22,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-STATISTICS = ("snr", "fisher", "mean")
-NEEDS = {"snr": ("s1", "s2"), "fisher": ("s2",), "mean": ("s1",)}  # the accumulators each statistic reads
+STATISTICS = ("snr", "gain", "fisher", "mean")
+NEEDS = {"snr": ("s1", "s2"), "gain": ("s1", "s2"), "fisher": ("s2",), "mean": ("s1",)}  # the accumulators each statistic reads
 
 
 @dataclass
@@ -148,8 +150,10 @@ class GradientStatistics:
             for entry in sorted(module.slices.values(), key=lambda e: e.start):
                 s1, s2 = ((t.clone() if t is not None else None for t in (entry.s1, entry.s2)) if keep
                           else (entry.s1, entry.s2))
-                if statistic == "snr":
-                    s1.abs_().div_(s2.div_(n).sqrt_().add_(eps)).div_(n)
+                if statistic in ("snr", "gain"):
+                    rms = s2.div_(n).sqrt_().add_(eps)
+                    s1.abs_().div_(n)
+                    s1.mul_(s1).div_(rms) if statistic == "gain" else s1.div_(rms)
                 elif statistic == "fisher":
                     s1 = s2.div_(n)
                 else:

@@ -11,7 +11,7 @@ from trl import DistillationConfig
 from ..masks.budget import parse_block_weights
 
 MASK_STRATEGIES = ("gradient", "file", "diff", "probe", "near_zero", "random")
-GRADIENT_STATISTICS = ("snr", "fisher", "mean")
+GRADIENT_STATISTICS = ("snr", "gain", "fisher", "mean")
 
 
 @dataclass
@@ -129,7 +129,8 @@ class SparseOPDConfig(OPDConfig):
         mask_gradient_steps (`int`, *optional*, defaults to `8`): rollout batches (generation batches of
             `per_device_train_batch_size * gradient_accumulation_steps` prompts per process) scored by `"gradient"`.
         mask_gradient_statistic (`str`, *optional*, defaults to `"snr"`): what `"gradient"` ranks coordinates by:
-            `"snr"` (|mean g| / (rms g + adam_epsilon), the size of AdamW's normalized step), `"fisher"` (mean g^2)
+            `"snr"` (|mean g| / (rms g + adam_epsilon), the size of AdamW's normalized step), `"gain"`
+            (mean g^2 / (rms g + adam_epsilon), the loss decrease of that step), `"fisher"` (mean g^2)
             or `"mean"` (|mean g|); see `sparse_opd.masks.gradient_stats`.
         mask_path (`str`, *optional*): mask file for `mask_strategy="file"`.
         mask_diff_base (`str`, *optional*): base checkpoint (local dir or Hub id) for `"diff"`.
@@ -209,7 +210,7 @@ class SparseOPDConfig(OPDConfig):
         default=8, metadata={"help": "Rollout batches scored by mask_strategy='gradient' before training."}
     )
     mask_gradient_statistic: str = field(
-        default="snr", metadata={"help": "Statistic of mask_strategy='gradient': 'snr', 'fisher' or 'mean'."}
+        default="snr", metadata={"help": "Statistic of mask_strategy='gradient': 'snr', 'gain', 'fisher' or 'mean'."}
     )
     mask_probe_steps: int = field(default=8, metadata={"help": "Dense OPD steps run by mask_strategy='probe'."})
     mask_probe_learning_rate: float = field(
