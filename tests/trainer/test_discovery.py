@@ -58,13 +58,14 @@ def test_gradient_statistics_are_the_formulas_over_micro_batches():
     with pytest.raises(RuntimeError, match="does not match the blocks"):
         observe(2, grads[0][2:])  # a block the layout does not have
     mean, rms = grads.mean(0).reshape(-1), grads.pow(2).mean(0).sqrt().reshape(-1)
-    expected = {"snr": mean.abs() / (rms + 1e-8), "fisher": rms**2, "mean": mean.abs()}
+    expected = {"snr": mean.abs() / (rms + 1e-8), "gain": mean.pow(2) / (rms + 1e-8), "fisher": rms**2,
+                "mean": mean.abs()}
     for statistic, reference in expected.items():
         fresh = GradientStatistics({"w": (6, 4)}, statistics=(statistic,), block_rows={"w": 4})
         for g in grads:
             fresh.observer("w")(0, g[:4])
             fresh.observer("w")(4, g[4:])
-        assert fresh.accumulator_bytes() == 6 * 4 * (8 if statistic == "snr" else 4)
+        assert fresh.accumulator_bytes() == 6 * 4 * (8 if statistic in ("snr", "gain") else 4)
         pieces = fresh.scores(statistic)["w"]
         assert [start for start, _ in pieces] == [0, 16]
         torch.testing.assert_close(torch.cat([s for _, s in pieces]), reference, rtol=1e-5, atol=1e-7)
