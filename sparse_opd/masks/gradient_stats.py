@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 STATISTICS = ("snr", "gain", "fisher", "mean")
-NEEDS = {"snr": ("s1", "s2"), "gain": ("s1", "s2"), "fisher": ("s2",), "mean": ("s1",)}  # the accumulators each statistic reads
+# the accumulators each statistic reads
+NEEDS = {"snr": ("s1", "s2"), "gain": ("s1", "s2"), "fisher": ("s2",), "mean": ("s1",)}
 
 
 @dataclass
