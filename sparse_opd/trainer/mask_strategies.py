@@ -27,9 +27,11 @@ def check_strategy(args, train_dataset) -> None:
     if args.mask_strategy == "probe" and (sharding := sharded_launch(args)):
         raise ValueError(
             f"mask_strategy='probe' trains every weight densely with AdamW, which {sharding} cannot undo afterwards "
-            "(it shards the model it prepares). Use mask_strategy='gradient' (discovery that shards with the model), "
-            "or run the probe once without sharding with --mask_save_path probe.safetensors and train here with "
-            "--mask_strategy file --mask_path probe.safetensors"
+            "(it shards the model it prepares). Run the probe once without sharding with --mask_save_path "
+            "probe.safetensors and train here with --mask_strategy file --mask_path probe.safetensors, or use "
+            "mask_strategy='near_zero' (no discovery; second to the probe at 1% in docs/masks.md) or "
+            "mask_strategy='gradient' (discovery that shards with the model; no better than random coordinates at 1% "
+            "there)"
         )
     if args.mask_strategy in ("gradient", "probe") and train_dataset is not None:
         try:

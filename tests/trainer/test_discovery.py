@@ -235,7 +235,8 @@ def test_bad_discovery_input_fails_in_one_line_before_any_model_is_loaded(tmp_pa
         SparseOPDTrainer(model=missing, args=make_args(tmp_path, mask_strategy="gradient"), train_dataset=empty,
                          processing_class=tokenizer)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="mask_strategy='probe'.*FSDP.*mask_strategy='gradient'"):
+    refusal = "mask_strategy='probe'.*FSDP.*mask_strategy='near_zero'.*mask_strategy='gradient'"
+    with pytest.raises(ValueError, match=refusal):
         SparseOPDTrainer(model=missing, args=make_args(tmp_path, mask_strategy="probe"), train_dataset=train_set,
                          processing_class=tokenizer)
 
