@@ -107,6 +107,8 @@ def table(base: dict, runs: list[dict], densities: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(RATES), choices=list(RATES))
+    parser.add_argument("--learning_rates", type=float, nargs="+", default=None,
+                        help="rates to run for each of --methods instead of their grid of three")
     parser.add_argument("--num_eval", type=int, default=200)
     parser.add_argument("--out", default="outputs/method_comparison")
     parser.add_argument("--mask_choice", default=None, help="a benchmarks/mask_choice.py output folder: its base "
@@ -133,7 +135,9 @@ def main() -> None:
     base = json.loads(base_path.read_text())
     runs = []
     for method in cli.methods:
-        for lr in RATES[method]:
+        # the runs kept in <out> (e.g. an extra rate where the best one sat at the edge of the grid) are reported too
+        kept = {float(p.stem.split("-", 1)[1]) for p in out.glob(f"{method}-*.json")}
+        for lr in sorted(set(cli.learning_rates or RATES[method]) | kept):
             path = out / f"{method}-{lr:g}.json"
             if not path.exists():
                 command = [sys.executable, __file__, "--child", method, str(lr), "--num_eval", str(cli.num_eval),

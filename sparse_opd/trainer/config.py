@@ -125,8 +125,9 @@ class SparseOPDConfig(OPDConfig):
             `SparseMask.save`, at `mask_path`), `"diff"` (the coordinates that changed between two checkpoints
             `mask_diff_base` and `mask_diff_tuned`, e.g. a full OPD run), `"probe"` (statistics of `mask_probe_steps`
             dense AdamW OPD steps run first: full fine-tuning memory, one process or DDP only), `"near_zero"` (the
-            smallest-|W| coordinates, OPD's prior) or `"random"`. Measured on SmolLM2-135M at 1% (docs/masks.md):
-            the probe picks the best coordinates, then `"near_zero"`; `"gradient"` was no better than `"random"`.
+            smallest-|W| coordinates, OPD's prior) or `"random"`. Measured on SmolLM2-135M (docs/masks.md): at 1%
+            the probe picks the best coordinates, then `"near_zero"`; `"gradient"` was no better than `"random"`;
+            at 5% (same rate) the probe's were the worst.
         mask_gradient_steps (`int`, *optional*, defaults to `8`): rollout batches (generation batches of
             `per_device_train_batch_size * gradient_accumulation_steps` prompts per process) scored by `"gradient"`.
         mask_gradient_statistic (`str`, *optional*, defaults to `"snr"`): what `"gradient"` ranks coordinates by:
