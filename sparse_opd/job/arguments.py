@@ -201,10 +201,30 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Argume
              "it: 'gpu' where the machine has a GPU (or another accelerator), else 'cpu'")
     job, model, training = parser.parse_args_and_config(args=argv)[:3]  # and a namespace holding --config
     args = Arguments(job, model, training, preset, from_machine)
+    shard_the_presets_probe(args, argv)
     refuse_unused(args)
     check_combinations(args)
     check_paths(args)
     return args
+
+
+def shard_the_presets_probe(args: Arguments, argv: list[str]) -> None:
+    """The presets discover with the AdamW probe, which cannot run under FSDP / ZeRO-3. When the strategy came from
+    the preset, a sharded launch trains the near-zero prior instead (second to the probe at 1%, docs/masks.md) and
+    says so; a `--mask_strategy probe` given on the command line is refused here, before anything loads."""
+    from ..trainer.mask_strategies import sharded_launch
+    from .console import say
+
+    config = args.training
+    if config.mask_strategy != "probe" or not (sharding := sharded_launch(config)):
+        return
+    if any(a == "--mask_strategy" or a.startswith("--mask_strategy=") for a in argv):
+        from ..trainer.mask_strategies import check_strategy
+
+        check_strategy(config, None)  # raises: the probe cannot shard
+    config.mask_strategy = "near_zero"
+    say(f"mask: the preset's probe cannot run under {sharding}; training the near-zero prior instead (make a probe "
+        "mask once without sharding with --mask_save_path, then pass --mask_strategy file --mask_path ...)")
 
 
 def _config_file(name: str) -> str:

@@ -72,6 +72,19 @@ def test_the_cpu_preset_is_the_default_without_an_accelerator_and_flags_override
     assert args.training.mask_probe_steps == 1 and args.job.num_eval == 8 and not args.preset_from_machine
 
 
+@pytest.mark.parametrize("launch", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_sharded_launch_trains_the_near_zero_prior_instead_of_the_presets_probe(no_accelerator, monkeypatch,
+                                                                                   capsys, launch):
+    monkeypatch.setenv(launch, "true")
+    args = job.parse_args(["--config", "smoke", "--output_dir", "x"])
+    assert args.training.mask_strategy == "near_zero"
+    assert "the preset's probe cannot run under" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="mask_strategy='probe'.*mask_strategy='near_zero'"):
+        job.parse_args(["--config", "smoke", "--output_dir", "x", "--mask_strategy", "probe"])
+    assert job.parse_args(["--config", "smoke", "--output_dir", "x", "--mask_strategy", "gradient"]
+                          ).training.mask_strategy == "gradient"
+
+
 def test_the_gpu_preset_is_the_default_where_there_is_an_accelerator(monkeypatch):
     monkeypatch.setattr(arguments, "accelerator_available", lambda: True)
     assert arguments.default_preset() == "gpu"
